@@ -3,7 +3,7 @@
 Time convention: ``x_t = (1 − t)·x0 + t·ε``, ``t = 1`` is pure noise, velocity target ``v* = ε − x0``.
 """
 
-from .advantages import group_advantages
+from .advantages import group_advantages, group_weights
 from .baselines import DPOStats, FlowGRPOStats, best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
 from .flow import denoising_error, flow_interpolate, velocity_target
 from .loss import DGPOStats, dgpo_group_weight, dgpo_loss
@@ -22,6 +22,7 @@ __all__ = [
     "flow_grpo_loss",
     "flow_interpolate",
     "group_advantages",
+    "group_weights",
     "ppo_clip_mask",
     "sample_timesteps",
     "schedule_timesteps",

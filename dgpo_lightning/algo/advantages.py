@@ -77,3 +77,54 @@ def group_advantages(
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return advantages
+
+
+def group_weights(
+    advantages: Tensor, group_index: Tensor, *, scheme: Literal["advantage", "rank", "softmax"] = "advantage",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-sample signed weights ``w_i`` for the group sum of the DGPO loss (the paper's open question).
+
+    DGPO's reference/partition terms cancel because ``Σ_{i∈g} w_i = 0`` in every group; each scheme
+    keeps that property and the sign of the advantage (who is in ``G⁺`` and who in ``G⁻``):
+
+    * ``advantage``: ``w = A`` (the paper).
+    * ``rank``: ``w`` = the group-normalised *ranks* of ``A`` (ties share their mean rank), i.e.
+      ``group_advantages(rank(A))``: only the order of rewards matters, not their spacing.
+    * ``softmax``: ``w_i = |g|·(softmax_g(A/τ)_i − 1/|g|)``: concentrates the weight on the best
+      samples, lightly spreading the negative weight over the rest.
+
+    Args:
+        advantages: ``[N]`` group-normalised advantages.
+        group_index: ``[N]`` group labels.
+        scheme: see above.
+        temperature: ``τ > 0`` of ``softmax``.
+
+    Returns:
+        ``[N]`` weights; zero wherever the whole group's advantages are zero.
+    """
+    check_vector("advantages", advantages)
+    check_group_index(group_index, advantages.numel())
+    check_finite("advantages", advantages)
+    if scheme == "advantage":
+        return advantages
+    inverse, num_groups = dense_groups(group_index.to(advantages.device))
+    a = advantages.to(compute_dtype(advantages))
+    if scheme == "rank":
+        # rank_i = #{j in g: A_j < A_i} + (#{j in g: A_j == A_i} - 1) / 2, the mean rank of ties.
+        same = inverse[:, None] == inverse[None, :]
+        below = ((a[None, :] < a[:, None]) & same).sum(1).to(a.dtype)
+        ties = ((a[None, :] == a[:, None]) & same).sum(1).to(a.dtype)
+        return group_advantages(below + (ties - 1) / 2, inverse, eps=0.0)
+    if scheme == "softmax":
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits = a / temperature
+        group_max = logits.new_full((num_groups,), -torch.inf).scatter_reduce(0, inverse, logits, "amax")
+        exp = (logits - group_max[inverse]).exp()
+        counts = _group_sum(torch.ones_like(a), inverse, num_groups)
+        soft = exp / _group_sum(exp, inverse, num_groups)[inverse]
+        weights = counts[inverse] * soft - 1.0
+        constant = (_group_sum(a.abs(), inverse, num_groups) == 0)[inverse]
+        return torch.where(constant, torch.zeros_like(weights), weights)
+    raise ValueError(f"unknown group weighting {scheme!r}; choose advantage, rank or softmax")

@@ -1,0 +1,92 @@
+"""Prompt datasets: GenEval-format jsonl (prompt + metadata) or plain text, and per-epoch prompt draws.
+
+``"world:train"`` / ``"world:test"`` name the embedded world's shipped splits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+WORLD_PREFIX = "world:"
+
+
+def resolve_prompt_path(spec: str | Path) -> Path:
+    """Path of a prompt file; ``world:<split>`` resolves to the embedded world's shipped split."""
+    text = str(spec)
+    if text.startswith(WORLD_PREFIX):
+        from dgpo_lightning.world.scene import prompt_file
+
+        return prompt_file(text[len(WORLD_PREFIX) :])
+    return Path(text)
+
+
+def load_prompt_records(spec: str | Path) -> list[dict[str, Any]]:
+    """Read prompts as records with at least a ``"prompt"`` key.
+
+    ``.jsonl``: one JSON object per line (GenEval schema: ``prompt``, ``tag``, ``include``, ``exclude``);
+    anything else: one prompt per line (records ``{"prompt": line}``, no metadata).
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+        ValueError: the file holds no prompts, a line is not valid JSON, or a record lacks a
+            non-empty string ``prompt`` (the message names file and line).
+    """
+    path = resolve_prompt_path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+                    raise ValueError(f"{path}:{number}: each record needs a non-empty string 'prompt'")
+            else:
+                record = {"prompt": line.strip()}
+            records.append(record)
+    if not records:
+        raise ValueError(f"prompt file {path} contains no prompts")
+    return records
+
+
+def draw_prompts(
+    records: Sequence[dict[str, Any]], count: int, *, seed: int, balance_tags: bool = True
+) -> list[int]:
+    """Indices of ``count`` prompts for one rollout, reproducible from ``seed``.
+
+    With ``balance_tags`` the draw cycles over the tag families (GenEval ``tag``; records without one
+    form their own family), so a rollout of 8 prompts over 6 families sees every family instead of
+    mostly the largest one (the shipped training split is 50% colour attribution). Within a family,
+    prompts are drawn without replacement until the family is exhausted.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one prompt per rollout, got {count}")
+    generator = torch.Generator().manual_seed(int(seed))
+    if not balance_tags:
+        order = torch.randperm(len(records), generator=generator).tolist()
+        return [order[i % len(order)] for i in range(count)]
+    families: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        families.setdefault(str(record.get("tag", "")), []).append(index)
+    names = sorted(families)
+    names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+    queues = {name: [] for name in names}
+    chosen = []
+    while len(chosen) < count:
+        for name in names:
+            if len(chosen) == count:
+                break
+            if not queues[name]:
+                members = families[name]
+                queues[name] = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            chosen.append(queues[name].pop())
+    return chosen

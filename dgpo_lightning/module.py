@@ -1,0 +1,331 @@
+"""``DGPOModule``: the online denoiser, its frozen reference and the group preference loss.
+
+The maths lives in :mod:`dgpo_lightning.algo` and :mod:`dgpo_lightning.sampling`; this module only
+arranges tensors, switches between online and reference weights and logs. The same module also
+trains the paper's baselines (``algorithm="flow_grpo"`` on SDE trajectories, ``"diffusion_dpo"`` on
+best/worst pairs) so comparisons share everything but the objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dgpo_lightning.algo import (
+    best_worst_pairs,
+    denoising_error,
+    dgpo_loss,
+    diffusion_dpo_loss,
+    flow_grpo_loss,
+    flow_interpolate,
+    group_weights,
+    ppo_clip_mask,
+    sample_timesteps,
+    velocity_kl,
+    velocity_target,
+)
+from dgpo_lightning.algo._checks import dense_groups
+from dgpo_lightning.models.backbone import concat_conditioning
+from dgpo_lightning.sampling import sde_step_log_prob
+
+Algorithm = Literal["dgpo", "flow_grpo", "diffusion_dpo"]
+
+
+class DGPOModule(L.LightningModule):
+    """Online RL fine-tuning of a text-to-image flow model with DGPO (or a baseline).
+
+    Args:
+        backbone: ``"world"`` (embedded model) or ``"sd3"``; ``model_path``: checkpoint dir / hub id
+            (``None`` with ``world`` = the shipped base); ``backbone_options``: extra loader kwargs.
+        algorithm: ``dgpo`` | ``flow_grpo`` | ``diffusion_dpo``.
+        finetune: ``full`` (reference = frozen copy of the denoiser) or ``lora`` (peft adapter;
+            reference = the same weights with the adapter disabled).
+        lora_rank, lora_alpha, lora_targets: adapter shape (``alpha`` defaults to ``2·rank``).
+        beta: ``β`` of the implicit reward ``R = −(β/|g|)(ℓ_θ − ℓ_ref)`` (DGPO, Diffusion-DPO).
+        t_min, t_max: training timesteps ``t ~ U[t_min, t_max]`` (timestep clipping; t = 1 is noise).
+        timesteps_per_sample: ``K`` timesteps per sample per training step; the per-sample
+            denoising error is their mean (Flow-GRPO: ``K`` trajectory steps per training step).
+        group_weighting: per-sample weights in the group sum: ``advantage`` (the paper's ``A_i``),
+            ``rank`` or ``softmax`` (see :func:`dgpo_lightning.algo.group_weights`).
+        reference: ``initial`` (the starting weights) or ``ema`` (the official code's dynamic reference:
+            an EMA of the online weights with ``reference_decay``; full fine-tuning only).
+        kl_beta: weight of the velocity-space KL to the reference.
+        clip_range: Flow-GRPO's ratio clip; for DGPO, with ``reference="ema"``, the official
+            PPO-style clip on the denoising loss against the slow reference (``None`` disables it).
+        train_guidance_scale: CFG scale of the velocities in the loss (the paper trains without CFG).
+        lr, weight_decay: AdamW over the trainable parameters only.
+        seed: timesteps and noise of step ``s`` on rank ``r`` are drawn from ``(seed, s, r)``, so a
+            resumed run repeats exactly what an uninterrupted one would do.
+    """
+
+    def __init__(
+        self,
+        backbone: Literal["world", "sd3"] = "world",
+        model_path: str | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        algorithm: Algorithm = "dgpo",
+        finetune: Literal["full", "lora"] = "full",
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] | None = None,
+        beta: float = 30.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        timesteps_per_sample: int = 1,
+        group_weighting: Literal["advantage", "rank", "softmax"] = "advantage",
+        reference: Literal["initial", "ema"] = "initial",
+        reference_decay: float = 0.99,
+        kl_beta: float = 0.0,
+        clip_range: float | None = None,
+        train_guidance_scale: float = 1.0,
+        lr: float = 3e-5,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        _check(beta >= 0 and math.isfinite(beta), "model.beta", beta, "must be a finite number >= 0")
+        _check(0.0 <= t_min < 1.0, "model.t_min", t_min, "must lie in [0, 1) (t = 1 is pure noise)")
+        _check(t_min < t_max <= 1.0, "model.t_max", t_max, f"must lie in (t_min={t_min}, 1]")
+        _check(timesteps_per_sample >= 1, "model.timesteps_per_sample", timesteps_per_sample, "must be >= 1")
+        _check(0.0 < reference_decay < 1.0, "model.reference_decay", reference_decay, "must lie in (0, 1)")
+        _check(kl_beta >= 0, "model.kl_beta", kl_beta, "must be >= 0")
+        _check(clip_range is None or clip_range > 0, "model.clip_range", clip_range, "must be > 0 or null")
+        _check(lr > 0, "model.lr", lr, "must be > 0")
+        _check(lora_rank >= 1, "model.lora_rank", lora_rank, "must be >= 1")
+        _check(
+            not (reference == "ema" and finetune == "lora"),
+            "model.reference",
+            reference,
+            "'ema' needs finetune=full (with LoRA the reference is the adapter-disabled base)",
+        )
+        _check(
+            algorithm != "flow_grpo" or clip_range is not None, "model.clip_range", clip_range, "is required by flow_grpo"
+        )
+        self.save_hyperparameters()
+        self.backbone: nn.Module | None = None
+        self.reference_denoiser: nn.Module | None = None
+
+    # ------------------------------------------------------------------ model construction
+
+    @property
+    def needs_trajectory(self) -> bool:
+        """Flow-GRPO trains on the stored SDE transitions; the data module keeps them when asked."""
+        return self.hparams.algorithm == "flow_grpo"
+
+    def configure_model(self) -> None:
+        """Load the backbone, freeze everything but the trained weights and set up the reference.
+
+        Idempotent; Lightning calls it inside the strategy's context (FSDP), and it may be called by
+        hand before using ``module.backbone`` outside a Trainer.
+        """
+        if self.backbone is not None:
+            return
+        from dgpo_lightning.models.factory import load_backbone
+
+        hp = self.hparams
+        backbone = load_backbone(hp.backbone, hp.model_path, **(hp.backbone_options or {}))
+        backbone.requires_grad_(False)
+        denoiser = backbone.denoiser
+        if hp.finetune == "lora":
+            from dgpo_lightning.models.lora import add_lora
+
+            add_lora(denoiser, rank=hp.lora_rank, alpha=hp.lora_alpha, target_modules=hp.lora_targets)
+        else:
+            self.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            denoiser.requires_grad_(True)
+        self.backbone = backbone
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("no trainable parameters: check model.finetune / model.lora_targets")
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """Inside the block, ``self.backbone`` computes with the reference weights (no gradients)."""
+        with torch.no_grad():
+            if self.reference_denoiser is None:
+                from dgpo_lightning.models.lora import reference_mode
+
+                with reference_mode(self.backbone.denoiser):
+                    yield
+            else:
+                online = self.backbone.denoiser
+                self.backbone.denoiser = self.reference_denoiser
+                try:
+                    yield
+                finally:
+                    self.backbone.denoiser = online
+
+    # ------------------------------------------------------------------ training
+
+    def _generator(self) -> torch.Generator:
+        seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 65_537 + int(self.global_rank)
+        return torch.Generator().manual_seed(seed)
+
+    def _velocities(self, x_t: Tensor, t: Tensor, cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        """``(v_online, v_reference)``; the reference runs first so that no weight swap can touch
+        tensors the online graph saved for backward."""
+        with self.reference_weights():
+            v_reference = self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
+        v_online = self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
+        return v_online, v_reference
+
+    def _noisy_copies(self, x0: Tensor, groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``K`` noisy versions of each sample with timesteps and noise shared inside each group.
+
+        Returns ``x_t, t, v_target`` stacked k-major: ``[K·N, ...]``, ``[K·N]``, ``[K·N, ...]``."""
+        hp = self.hparams
+        k = hp.timesteps_per_sample
+        generator = self._generator()
+        t = sample_timesteps(num_groups, k, t_min=hp.t_min, t_max=hp.t_max, generator=generator)
+        noise = torch.randn((num_groups, k, *x0.shape[1:]), generator=generator)
+        t = t.to(x0.device, x0.dtype)[groups].T.reshape(-1)
+        noise = noise.to(x0.device, x0.dtype)[groups].transpose(0, 1).reshape(-1, *x0.shape[1:])
+        x0 = x0.repeat(k, *([1] * (x0.dim() - 1)))
+        return flow_interpolate(x0, noise, t), t, velocity_target(x0, noise)
+
+    def _denoising_errors(self, x0: Tensor, prompts: Sequence[str], groups: Tensor, num_groups: int):
+        """Per-sample ``ℓ_θ, ℓ_ref`` averaged over ``K`` timesteps, plus the velocity KL ``[N]``."""
+        k = self.hparams.timesteps_per_sample
+        x_t, t, target = self._noisy_copies(x0, groups, num_groups)
+        cond = self.backbone.encode_prompts(list(prompts))
+        cond = concat_conditioning([cond] * k) if k > 1 else cond
+        v_online, v_reference = self._velocities(x_t, t, cond, self.hparams.train_guidance_scale)
+        n = x0.shape[0]
+        dsm_online = denoising_error(v_online, target).view(k, n).mean(0)
+        dsm_reference = denoising_error(v_reference, target).view(k, n).mean(0)
+        kl = velocity_kl(v_online, v_reference).view(k, n).mean(0)
+        return dsm_online, dsm_reference, kl
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        step = {"dgpo": self._dgpo_step, "flow_grpo": self._flow_grpo_step, "diffusion_dpo": self._dpo_step}
+        loss, logs = step[self.hparams.algorithm](batch)
+        n = int(batch["latents"].shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n, sync_dist=True)
+        self.log("train/loss", loss.detach(), batch_size=n, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _dgpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        x0 = batch["latents"].to(self.device)
+        advantages = batch["advantages"].to(self.device)
+        groups, num_groups = dense_groups(batch["group_index"].to(self.device))
+        dsm_online, dsm_reference, kl = self._denoising_errors(x0, batch["prompts"], groups, num_groups)
+        weights = group_weights(advantages, groups, scheme=hp.group_weighting)
+        logs: dict[str, Tensor] = {}
+        if hp.clip_range is not None and hp.reference == "ema":
+            keep = ppo_clip_mask(dsm_online, dsm_reference, weights, hp.clip_range)
+            dsm_online = torch.where(keep, dsm_online, dsm_online.detach())
+            logs["clip_frac"] = 1.0 - keep.float().mean()
+        loss, stats = dgpo_loss(dsm_online, dsm_reference, weights, groups, beta=hp.beta)
+        if hp.kl_beta > 0:
+            loss = loss + hp.kl_beta * kl.mean()
+        logs.update(
+            dgpo_sigmoid_weight=stats.sigmoid_weight,
+            reward_margin=stats.reward_margin,
+            reward_accuracy=stats.reward_accuracy,
+            zero_advantage_frac=stats.zero_advantage_frac,
+            kl=kl.mean().detach(),
+            dsm_gap=(dsm_online - dsm_reference).mean().detach(),
+        )
+        return loss, logs
+
+    def _dpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        winners, losers = best_worst_pairs(batch["rewards"], batch["group_index"])
+        if winners.numel() == 0:
+            raise ValueError("diffusion_dpo got a batch without any pair of different rewards; set data.skip_zero_std_groups=true")
+        pairs = torch.cat([winners, losers])
+        x0 = batch["latents"][pairs].to(self.device)
+        num_pairs = winners.numel()
+        pair_of = torch.arange(num_pairs, device=self.device).repeat(2)  # winner and loser share t and noise
+        prompts = [batch["prompts"][i] for i in pairs.tolist()]
+        dsm_online, dsm_reference, kl = self._denoising_errors(x0, prompts, pair_of, num_pairs)
+        loss, stats = diffusion_dpo_loss(
+            dsm_online[:num_pairs], dsm_reference[:num_pairs], dsm_online[num_pairs:], dsm_reference[num_pairs:], beta=hp.beta
+        )
+        if hp.kl_beta > 0:
+            loss = loss + hp.kl_beta * kl.mean()
+        return loss, {
+            "dpo_sigmoid_weight": stats.sigmoid_weight,
+            "reward_margin": stats.reward_margin,
+            "reward_accuracy": stats.reward_accuracy,
+            "kl": kl.mean().detach(),
+        }
+
+    def _flow_grpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        if "trajectory" not in batch or "log_probs" not in batch:
+            raise ValueError("flow_grpo trains on SDE transitions: set data.sampler=sde")
+        trajectory = batch["trajectory"].to(self.device)  # [N, S + 1, ...]
+        old_log_probs = batch["log_probs"].to(self.device)  # [N, S]
+        sigmas = batch["sigmas"].to(self.device)
+        advantages = batch["advantages"].to(self.device)
+        n, num_steps = old_log_probs.shape
+        # Steps ending in sigma = 0 have no noise (a deterministic last step); they carry no likelihood.
+        candidates = (sigmas[1:] > 0).nonzero().flatten()
+        k = min(hp.timesteps_per_sample, candidates.numel())
+        steps = candidates[torch.randperm(candidates.numel(), generator=self._generator())[:k].to(self.device)]
+        x_t = trajectory[:, steps].transpose(0, 1).reshape(k * n, *trajectory.shape[2:])
+        x_next = trajectory[:, steps + 1].transpose(0, 1).reshape(k * n, *trajectory.shape[2:])
+        sigma = sigmas[steps].repeat_interleave(n)
+        sigma_next = sigmas[steps + 1].repeat_interleave(n)
+        cond = self.backbone.encode_prompts(list(batch["prompts"]))
+        cond = concat_conditioning([cond] * k) if k > 1 else cond
+        guidance = float(batch.get("guidance_scale", hp.train_guidance_scale))
+        v_online, v_reference = self._velocities(x_t, sigma, cond, guidance)
+        noise_level = float(batch.get("noise_level", 0.7))
+        # Flow-GRPO takes the per-dimension mean log-density in the ratio (a sum over thousands of
+        # dimensions would make exp(log-ratio) overflow after the first update).
+        dims = x_t[0].numel()
+        log_probs = sde_step_log_prob(v_online, x_t, x_next, sigma, sigma_next, noise_level=noise_level) / dims
+        old = old_log_probs[:, steps].T.reshape(-1) / dims
+        loss, stats = flow_grpo_loss(log_probs, old, advantages.repeat(k), clip_range=hp.clip_range)
+        kl = velocity_kl(v_online, v_reference)
+        if hp.kl_beta > 0:
+            loss = loss + hp.kl_beta * kl.mean()
+        return loss, {
+            "clip_frac": stats.clip_frac,
+            "approx_kl": stats.approx_kl,
+            "ratio_mean": stats.ratio_mean,
+            "kl": kl.mean().detach(),
+        }
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.hparams.reference == "ema" and self.reference_denoiser is not None:
+            with torch.no_grad():
+                online = [p.detach() for p in self.backbone.denoiser.parameters()]
+                reference = list(self.reference_denoiser.parameters())
+                torch._foreach_lerp_(reference, online, 1.0 - self.hparams.reference_decay)
+
+    def reset_reference(self) -> None:
+        """Make the current online weights the new reference (the reference-switching schedule).
+
+        Full fine-tuning copies the weights; with LoRA the adapter is folded into the base weights
+        and zeroed, which leaves the online model unchanged and moves the reference to it."""
+        if self.reference_denoiser is not None:
+            with torch.no_grad():
+                for ref, online in zip(self.reference_denoiser.parameters(), self.backbone.denoiser.parameters()):
+                    ref.copy_(online)
+        else:
+            from dgpo_lightning.models.lora import fold_lora
+
+            fold_lora(self.backbone.denoiser)
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        rollout = getattr(datamodule, "last_rollout", None)
+        if rollout is not None:
+            stats = {k: torch.tensor(v, dtype=torch.float32) for k, v in rollout.stats().items()}
+            self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True)
