@@ -329,3 +329,94 @@ class DGPOModule(L.LightningModule):
         if rollout is not None:
             stats = {k: torch.tensor(v, dtype=torch.float32) for k, v in rollout.stats().items()}
             self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ held-out evaluation
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "eval_reward_names") or hasattr(self, "eval_metrics"):
+            return
+        from torchmetrics import MeanMetric
+
+        # One metric per (reward, task), created up front: every rank must own the same metrics
+        # for the cross-rank sync, whatever prompts its shard holds.
+        keys = [f"{name}/{tag}" for name in datamodule.eval_reward_names for tag in ["all", *datamodule.eval_tags()]]
+        self.eval_metrics = nn.ModuleDict({_metric_key(k): MeanMetric(nan_strategy="error") for k in keys})
+        self.last_eval_examples: dict[str, Any] | None = None
+        self.last_eval: dict[str, float] = {}
+
+    def _eval_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        from dgpo_lightning.data.rollout import sample_latents
+
+        datamodule = self.trainer.datamodule
+        hp = datamodule.hparams
+        records = [item["record"] for item in batch]
+        prompts = [r["prompt"] for r in records]
+        output = sample_latents(
+            self.backbone,
+            prompts,
+            [item["seed"] for item in batch],
+            sampler=hp.eval_sampler,
+            num_steps=hp.eval_num_steps,
+            shift=hp.shift,
+            guidance_scale=hp.guidance_scale,
+            batch_size=hp.eval_batch_size,
+        )
+        images = self.backbone.decode(output.sample)
+        tags = [str(r.get("tag", "all")) for r in records]
+        scores_by_reward = {}
+        for name, reward in datamodule.eval_rewards.items():
+            scores = reward(images, prompts, records).detach().float().to(self.device)
+            scores_by_reward[name] = scores
+            self.eval_metrics[_metric_key(f"{name}/all")].update(scores)
+            for tag in set(tags) & set(datamodule.eval_tags()):
+                mask = torch.tensor([t == tag for t in tags], device=self.device)
+                self.eval_metrics[_metric_key(f"{name}/{tag}")].update(scores[mask])
+        if batch_idx == 0:
+            self.last_eval_examples = {"images": images.cpu(), "prompts": prompts, "scores": scores_by_reward}
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx)
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx)
+
+    def _eval_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule
+        tags = datamodule.eval_tags()
+        results: dict[str, float] = {}
+        for name in datamodule.eval_reward_names:
+            per_task = {}
+            for tag in tags:
+                metric = self.eval_metrics[_metric_key(f"{name}/{tag}")]
+                if metric.update_count > 0 or self.trainer.world_size > 1:
+                    value = metric.compute()
+                    if torch.isfinite(value):
+                        per_task[tag] = float(value)
+                metric.reset()
+            overall = self.eval_metrics[_metric_key(f"{name}/all")]
+            mean = float(overall.compute())
+            overall.reset()
+            # GenEval's "overall" is the unweighted mean of its task scores.
+            results[f"eval/{name}"] = sum(per_task.values()) / len(per_task) if per_task else mean
+            results.update({f"eval/{name}/{tag}": value for tag, value in per_task.items()})
+        self.last_eval = results
+        if results:
+            self.log_dict(results, sync_dist=False)  # already synchronised by torchmetrics
+            self.log("hp_metric", results[f"eval/{datamodule.eval_reward_names[0]}"], sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+
+def _metric_key(key: str) -> str:
+    # ModuleDict keys may not contain dots or slashes.
+    return key.replace("/", "__").replace(".", "_")
+
+
+def _check(ok: bool, key: str, value: Any, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} {message}")

@@ -1,1 +1,8 @@
-"""callbacks"""
+"""Lightning callbacks: evaluation plots and images, reference schedule, export."""
+
+from dgpo_lightning.callbacks.export import ExportTrained, export_model
+from dgpo_lightning.callbacks.history import ScoreHistory, plot_history
+from dgpo_lightning.callbacks.images import SampleGrid, sample_figure
+from dgpo_lightning.callbacks.reference import ReferenceSchedule
+
+__all__ = ["ExportTrained", "ReferenceSchedule", "SampleGrid", "ScoreHistory", "export_model", "plot_history", "sample_figure"]

@@ -60,6 +60,13 @@ class RolloutDataModule(L.LightningDataModule):
         balance_tags: draw prompts evenly across GenEval task families.
         rollout_batch_size: images per sampler call.
         seed: base seed of prompt draws and rollout noise.
+        eval_prompts: held-out prompt file of the validation loop (``None``: no validation).
+        eval_images_per_prompt: images per held-out prompt (GenEval uses 4).
+        eval_rewards: rewards reported on held-out prompts; they may include rewards that are never
+            trained on (out-of-domain checks). Reported as ``eval/<name>`` and ``eval/<name>/<tag>``.
+        eval_sampler, eval_num_steps: the evaluation sampler (deterministic ODE by default).
+        eval_batch_size: held-out images per validation batch.
+        eval_seed: seed of the held-out images (fixed, so every evaluation sees the same noise).
     """
 
     def __init__(
@@ -82,6 +89,13 @@ class RolloutDataModule(L.LightningDataModule):
         rollout_batch_size: int = 64,
         seed: int = 0,
         progress: bool = True,
+        eval_prompts: str | None = "world:test",
+        eval_images_per_prompt: int = 4,
+        eval_rewards: list[str] | None = None,
+        eval_sampler: SamplerName = "ode_dpm",
+        eval_num_steps: int = 10,
+        eval_batch_size: int = 64,
+        eval_seed: int = 1234,
     ):
         super().__init__()
         rewards = {"geneval_partial": 1.0} if rewards is None else dict(rewards)
@@ -95,8 +109,16 @@ class RolloutDataModule(L.LightningDataModule):
         _check(bool(rewards), "data.rewards", rewards, "needs at least one reward")
         unknown = sorted(set(rewards) - set(available_rewards()))
         _check(not unknown, "data.rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
+        eval_rewards = ["geneval"] if eval_rewards is None else list(eval_rewards)
+        unknown = sorted(set(eval_rewards) - set(available_rewards()))
+        _check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
+        _check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
         self.save_hyperparameters()
         self.records = load_prompt_records(train_prompts)  # fails now, naming the file
+        self.eval_records = load_prompt_records(eval_prompts) if eval_prompts else []
+        self.eval_reward_names = eval_rewards
+        self._eval_rewards = None
+        self.images_generated = 0
         self.rewards = rewards
         self.reward_options = dict(reward_options or {})
         self._reward = None
@@ -156,10 +178,46 @@ class RolloutDataModule(L.LightningDataModule):
         module.train(was_training)
         self.last_rollout = rollout
         self.rollouts_done += 1
+        self.images_generated += self.hparams.prompts_per_rank * self.hparams.group_size * trainer.world_size
         groups = rollout.informative_groups() if self.hparams.skip_zero_std_groups else None
         batches = rollout.batches(self.hparams.groups_per_batch, groups=groups, seed=self.rollout_seed(trainer.current_epoch, trainer.global_rank))
         batches = batches[: _min_over_ranks(len(batches))]
         return DataLoader(_Batches(batches, self.hparams.passes_per_rollout), batch_size=None, collate_fn=_collate)
+
+
+    # ------------------------------------------------------------------ held-out evaluation
+
+    @property
+    def eval_rewards(self) -> dict:
+        """Evaluation rewards by name, built on first use."""
+        if self._eval_rewards is None:
+            from dgpo_lightning.rewards.base import build
+
+            self._eval_rewards = {
+                name: build(name, **dict(self.reward_options.get(name, {}))) for name in self.eval_reward_names
+            }
+        return self._eval_rewards
+
+    def eval_tags(self) -> list[str]:
+        """GenEval task families present in the held-out prompts (empty for plain-text prompts)."""
+        return sorted({str(r["tag"]) for r in self.eval_records if "tag" in r})
+
+    def eval_items(self) -> list[dict[str, Any]]:
+        """One item per held-out image: the prompt record and its fixed seed."""
+        from dgpo_lightning.data.rollout import sample_seeds
+
+        n = self.hparams.eval_images_per_prompt
+        seeds = sample_seeds(self.hparams.eval_seed, len(self.eval_records) * n)
+        return [
+            {"record": record, "seed": seeds[i * n + j]} for i, record in enumerate(self.eval_records) for j in range(n)
+        ]
+
+    def val_dataloader(self) -> DataLoader:
+        # A map-style dataset: Lightning shards it across ranks with a DistributedSampler.
+        return DataLoader(self.eval_items(), batch_size=self.hparams.eval_batch_size, collate_fn=list)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 def _min_over_ranks(value: int) -> int:

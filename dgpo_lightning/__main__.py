@@ -1,0 +1,3 @@
+from dgpo_lightning.cli import main
+
+main()

@@ -1,0 +1,111 @@
+"""Evaluation history: score versus wall-clock time and images generated, as CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+
+class ScoreHistory(L.Callback):
+    """Record every evaluation with the elapsed training time and the number of rollout images.
+
+    Writes ``<log_dir>/eval_history.csv`` and ``<log_dir>/score_vs_time.png`` (headline metric against
+    wall-clock minutes and images generated) and prints a before/after summary when training ends.
+    Time counts from the start of ``fit``; evaluation time itself is excluded so that curves of
+    methods with different evaluation cadences stay comparable.
+
+    Args:
+        metric: key of the headline score (default ``eval/geneval``).
+    """
+
+    def __init__(self, metric: str = "eval/geneval"):
+        self.metric = metric
+        self.rows: list[dict[str, float]] = []
+        self._fit_start: float | None = None
+        self._eval_seconds = 0.0
+        self._eval_start: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+        self._eval_seconds = 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start = time.perf_counter()
+
+    def training_seconds(self) -> float:
+        if self._fit_start is None:
+            return 0.0
+        return time.perf_counter() - self._fit_start - self._eval_seconds
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._eval_start is not None:
+            self._eval_seconds += time.perf_counter() - self._eval_start
+        results = getattr(pl_module, "last_eval", {})
+        if self.metric not in results:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        offset = self.rows[-1]["seconds"] if (self.rows and self._fit_start is None) else 0.0
+        row = {
+            "epoch": float(trainer.current_epoch),
+            "step": float(trainer.global_step),
+            "seconds": self.training_seconds() + offset,
+            "images": float(getattr(datamodule, "images_generated", 0)),
+            **{k: float(v) for k, v in results.items()},
+        }
+        self.rows.append(row)
+        self._write(trainer)
+
+    @rank_zero_only
+    def _write(self, trainer) -> None:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for row in self.rows for k in row}, key=lambda k: (k not in ("epoch", "step", "seconds", "images"), k))
+        with (directory / "eval_history.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        plot_history(self.rows, self.metric, directory / "score_vs_time.png")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if len(self.rows) >= 2:
+            first, last = self.rows[0][self.metric], self.rows[-1][self.metric]
+            rank_zero_info(
+                f"{self.metric}: {first:.3f} -> {last:.3f} ({last - first:+.3f}) after "
+                f"{self.rows[-1]['seconds'] / 60:.1f} min of training, {int(self.rows[-1]['images'])} rollout images"
+            )
+
+
+def plot_history(rows: list[dict[str, float]], metric: str, path: str | Path) -> None:
+    """Two panels: ``metric`` versus training minutes and versus images generated."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(10, 3.6))
+    minutes = [row["seconds"] / 60 for row in rows]
+    images = [row["images"] for row in rows]
+    scores = [row[metric] for row in rows]
+    by_time.plot(minutes, scores, marker="o")
+    by_time.set_xlabel("training wall-clock (min, evaluation excluded)")
+    by_images.plot(images, scores, marker="o")
+    by_images.set_xlabel("rollout images generated")
+    for axis in (by_time, by_images):
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
