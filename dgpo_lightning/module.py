@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dgpo_lightning.algo import (
     best_worst_pairs,
     denoising_error,
+    dgpo_group_weight,
     dgpo_loss,
     diffusion_dpo_loss,
     flow_grpo_loss,
@@ -31,7 +32,7 @@ from dgpo_lightning.algo import (
     velocity_target,
 )
 from dgpo_lightning.algo._checks import dense_groups
-from dgpo_lightning.models.backbone import concat_conditioning
+from dgpo_lightning.models.backbone import concat_conditioning, index_conditioning
 from dgpo_lightning.sampling import sde_step_log_prob
 
 Algorithm = Literal["dgpo", "flow_grpo", "diffusion_dpo"]
@@ -60,6 +61,10 @@ class DGPOModule(L.LightningModule):
             PPO-style clip on the denoising loss against the slow reference (``None`` disables it).
         train_guidance_scale: CFG scale of the velocities in the loss (the paper trains without CFG).
         lr, weight_decay: AdamW over the trainable parameters only.
+        grad_clip: gradient-norm clip (``None``: off). The module optimises manually (micro-batches),
+            so this replaces the Trainer's ``gradient_clip_val``.
+        micro_batch_size: samples per forward/backward pass (``None``: the whole batch). Larger groups
+            than fit in memory are split with exact gradients (see ``_dgpo_step``).
         seed: timesteps and noise of step ``s`` on rank ``r`` are drawn from ``(seed, s, r)``, so a
             resumed run repeats exactly what an uninterrupted one would do.
     """
@@ -86,6 +91,8 @@ class DGPOModule(L.LightningModule):
         train_guidance_scale: float = 1.0,
         lr: float = 3e-5,
         weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        micro_batch_size: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -97,6 +104,8 @@ class DGPOModule(L.LightningModule):
         _check(kl_beta >= 0, "model.kl_beta", kl_beta, "must be >= 0")
         _check(clip_range is None or clip_range > 0, "model.clip_range", clip_range, "must be > 0 or null")
         _check(lr > 0, "model.lr", lr, "must be > 0")
+        _check(grad_clip is None or grad_clip > 0, "model.grad_clip", grad_clip, "must be > 0 or null")
+        _check(micro_batch_size is None or micro_batch_size >= 1, "model.micro_batch_size", micro_batch_size, "must be >= 1 or null")
         _check(lora_rank >= 1, "model.lora_rank", lora_rank, "must be >= 1")
         _check(
             not (reference == "ema" and finetune == "lora"),
@@ -108,6 +117,9 @@ class DGPOModule(L.LightningModule):
             algorithm != "flow_grpo" or clip_range is not None, "model.clip_range", clip_range, "is required by flow_grpo"
         )
         self.save_hyperparameters()
+        # Manual optimisation: one optimizer step per batch of whole groups, with as many
+        # micro-batch backward passes as memory requires.
+        self.automatic_optimization = False
         self.backbone: nn.Module | None = None
         self.reference_denoiser: nn.Module | None = None
 
@@ -173,14 +185,6 @@ class DGPOModule(L.LightningModule):
         seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 65_537 + int(self.global_rank)
         return torch.Generator().manual_seed(seed)
 
-    def _velocities(self, x_t: Tensor, t: Tensor, cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
-        """``(v_online, v_reference)``; the reference runs first so that no weight swap can touch
-        tensors the online graph saved for backward."""
-        with self.reference_weights():
-            v_reference = self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
-        v_online = self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
-        return v_online, v_reference
-
     def _noisy_copies(self, x0: Tensor, groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
         """``K`` noisy versions of each sample with timesteps and noise shared inside each group.
 
@@ -195,42 +199,111 @@ class DGPOModule(L.LightningModule):
         x0 = x0.repeat(k, *([1] * (x0.dim() - 1)))
         return flow_interpolate(x0, noise, t), t, velocity_target(x0, noise)
 
-    def _denoising_errors(self, x0: Tensor, prompts: Sequence[str], groups: Tensor, num_groups: int):
-        """Per-sample ``ℓ_θ, ℓ_ref`` averaged over ``K`` timesteps, plus the velocity KL ``[N]``."""
-        k = self.hparams.timesteps_per_sample
-        x_t, t, target = self._noisy_copies(x0, groups, num_groups)
-        cond = self.backbone.encode_prompts(list(prompts))
-        cond = concat_conditioning([cond] * k) if k > 1 else cond
-        v_online, v_reference = self._velocities(x_t, t, cond, self.hparams.train_guidance_scale)
-        n = x0.shape[0]
-        dsm_online = denoising_error(v_online, target).view(k, n).mean(0)
-        dsm_reference = denoising_error(v_reference, target).view(k, n).mean(0)
-        kl = velocity_kl(v_online, v_reference).view(k, n).mean(0)
-        return dsm_online, dsm_reference, kl
+    def _reference_velocity(self, x_t: Tensor, t: Tensor, cond, guidance_scale: float) -> Tensor:
+        with self.reference_weights():
+            return self._chunked_velocity(x_t, t, cond, guidance_scale)
+
+    def _chunked_velocity(self, x_t: Tensor, t: Tensor, cond, guidance_scale: float) -> Tensor:
+        """Velocity over all rows, ``micro_batch_size`` rows at a time (for no-grad passes)."""
+        size = self.hparams.micro_batch_size or x_t.shape[0]
+        parts = [
+            self.backbone.velocity(x_t[i : i + size], t[i : i + size], index_conditioning(cond, slice(i, i + size)), guidance_scale=guidance_scale)
+            for i in range(0, x_t.shape[0], size)
+        ]
+        return torch.cat(parts)
+
+    def _sample_chunks(self, n: int) -> list[Tensor]:
+        size = self.hparams.micro_batch_size or n
+        return [torch.arange(i, min(i + size, n), device=self.device) for i in range(0, n, size)]
+
+    def _backward_chunks(self, chunks: list[Tensor], loss_of_chunk) -> None:
+        """``manual_backward`` of ``loss_of_chunk(idx)`` for each chunk; gradient sync across ranks
+        only on the last one."""
+        strategy = self.trainer.strategy
+        for number, idx in enumerate(chunks):
+            last = number == len(chunks) - 1
+            block = getattr(strategy, "block_backward_sync", None)
+            if not last and block is not None:
+                with block():
+                    self.manual_backward(loss_of_chunk(idx))
+            else:
+                self.manual_backward(loss_of_chunk(idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
         step = {"dgpo": self._dgpo_step, "flow_grpo": self._flow_grpo_step, "diffusion_dpo": self._dpo_step}
         loss, logs = step[self.hparams.algorithm](batch)
+        if self.hparams.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
         n = int(batch["latents"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n, sync_dist=True)
-        self.log("train/loss", loss.detach(), batch_size=n, prog_bar=True, sync_dist=True)
+        self.log("train/loss", loss, batch_size=n, prog_bar=True, sync_dist=True)
         return loss
 
+    @staticmethod
+    def _rows(idx: Tensor, n: int, k: int) -> Tensor:
+        """Rows of samples ``idx`` in a k-major ``[K·N]`` stack."""
+        return (torch.arange(k, device=idx.device)[:, None] * n + idx[None, :]).reshape(-1)
+
     def _dgpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """DGPO loss and its gradient, exact for any ``micro_batch_size``.
+
+        Whole batch in one pass: ``dgpo_loss`` on everything. Micro-batches: a no-grad pass over the
+        whole batch gives every group's sigmoid weight ``σ(z_g)``; each micro-batch then
+        back-propagates ``dgpo_loss(..., group_weight=σ(z_g))`` whose gradients sum to the exact
+        whole-batch gradient (see :func:`dgpo_lightning.algo.dgpo_loss`)."""
         hp = self.hparams
+        k = hp.timesteps_per_sample
         x0 = batch["latents"].to(self.device)
+        n = x0.shape[0]
         advantages = batch["advantages"].to(self.device)
         groups, num_groups = dense_groups(batch["group_index"].to(self.device))
-        dsm_online, dsm_reference, kl = self._denoising_errors(x0, batch["prompts"], groups, num_groups)
         weights = group_weights(advantages, groups, scheme=hp.group_weighting)
+        x_t, t, target = self._noisy_copies(x0, groups, num_groups)
+        cond = self.backbone.encode_prompts(list(batch["prompts"]))
+        cond = concat_conditioning([cond] * k) if k > 1 else cond
+        guidance = hp.train_guidance_scale
+        v_reference = self._reference_velocity(x_t, t, cond, guidance)
+        dsm_reference = denoising_error(v_reference, target).view(k, n).mean(0)
+        chunks = self._sample_chunks(n)
+
+        def online_errors(idx: Tensor) -> tuple[Tensor, Tensor]:
+            rows = self._rows(idx, n, k)
+            v = self.backbone.velocity(x_t[rows], t[rows], index_conditioning(cond, rows), guidance_scale=guidance)
+            dsm = denoising_error(v, target[rows]).view(k, -1).mean(0)
+            kl = velocity_kl(v, v_reference[rows]).view(k, -1).mean(0)
+            return dsm, kl
+
+        if len(chunks) == 1:
+            dsm_online, kl = online_errors(chunks[0])
+        else:
+            with torch.no_grad():
+                dsm_online, kl = map(torch.cat, zip(*(online_errors(idx) for idx in chunks)))
         logs: dict[str, Tensor] = {}
+        keep = torch.ones(n, dtype=torch.bool, device=self.device)
         if hp.clip_range is not None and hp.reference == "ema":
             keep = ppo_clip_mask(dsm_online, dsm_reference, weights, hp.clip_range)
-            dsm_online = torch.where(keep, dsm_online, dsm_online.detach())
             logs["clip_frac"] = 1.0 - keep.float().mean()
-        loss, stats = dgpo_loss(dsm_online, dsm_reference, weights, groups, beta=hp.beta)
-        if hp.kl_beta > 0:
-            loss = loss + hp.kl_beta * kl.mean()
+        clipped = lambda dsm, idx: torch.where(keep[idx], dsm, dsm.detach())  # noqa: E731
+        loss, stats = dgpo_loss(clipped(dsm_online, slice(None)), dsm_reference, weights, groups, beta=hp.beta)
+        loss = loss + hp.kl_beta * kl.mean()
+        if len(chunks) == 1:
+            self.manual_backward(loss)
+        else:
+            sigmoid = dgpo_group_weight(dsm_online, dsm_reference, weights, groups, beta=hp.beta)
+            sizes = torch.bincount(groups)[groups]
+
+            def chunk_loss(idx: Tensor) -> Tensor:
+                dsm, kl_chunk = online_errors(idx)
+                part, _ = dgpo_loss(
+                    clipped(dsm, idx), dsm_reference[idx], weights[idx], groups[idx], beta=hp.beta,
+                    group_weight=sigmoid[idx], group_size=sizes[idx], num_groups=num_groups,
+                )
+                return part + hp.kl_beta * kl_chunk.sum() / n
+
+            self._backward_chunks(chunks, chunk_loss)
         logs.update(
             dgpo_sigmoid_weight=stats.sigmoid_weight,
             reward_margin=stats.reward_margin,
@@ -239,32 +312,52 @@ class DGPOModule(L.LightningModule):
             kl=kl.mean().detach(),
             dsm_gap=(dsm_online - dsm_reference).mean().detach(),
         )
-        return loss, logs
+        return loss.detach(), logs
 
     def _dpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Online Diffusion-DPO on each group's best/worst pair (winner and loser share t and noise)."""
         hp = self.hparams
+        k = hp.timesteps_per_sample
         winners, losers = best_worst_pairs(batch["rewards"], batch["group_index"])
         if winners.numel() == 0:
             raise ValueError("diffusion_dpo got a batch without any pair of different rewards; set data.skip_zero_std_groups=true")
         pairs = torch.cat([winners, losers])
-        x0 = batch["latents"][pairs].to(self.device)
         num_pairs = winners.numel()
-        pair_of = torch.arange(num_pairs, device=self.device).repeat(2)  # winner and loser share t and noise
-        prompts = [batch["prompts"][i] for i in pairs.tolist()]
-        dsm_online, dsm_reference, kl = self._denoising_errors(x0, prompts, pair_of, num_pairs)
-        loss, stats = diffusion_dpo_loss(
-            dsm_online[:num_pairs], dsm_reference[:num_pairs], dsm_online[num_pairs:], dsm_reference[num_pairs:], beta=hp.beta
-        )
-        if hp.kl_beta > 0:
-            loss = loss + hp.kl_beta * kl.mean()
-        return loss, {
-            "dpo_sigmoid_weight": stats.sigmoid_weight,
-            "reward_margin": stats.reward_margin,
-            "reward_accuracy": stats.reward_accuracy,
-            "kl": kl.mean().detach(),
+        x0 = batch["latents"][pairs].to(self.device)
+        pair_of = torch.arange(num_pairs, device=self.device).repeat(2)
+        x_t, t, target = self._noisy_copies(x0, pair_of, num_pairs)
+        cond = self.backbone.encode_prompts([batch["prompts"][i] for i in pairs.tolist()])
+        cond = concat_conditioning([cond] * k) if k > 1 else cond
+        guidance = hp.train_guidance_scale
+        v_reference = self._reference_velocity(x_t, t, cond, guidance)
+        dsm_reference = denoising_error(v_reference, target).view(k, 2 * num_pairs).mean(0)
+        stats_parts, losses = [], []
+
+        def chunk_loss(idx: Tensor) -> Tensor:  # idx: pair numbers; winner i and loser num_pairs + i
+            members = torch.cat([idx, idx + num_pairs])
+            rows = self._rows(members, 2 * num_pairs, k)
+            v = self.backbone.velocity(x_t[rows], t[rows], index_conditioning(cond, rows), guidance_scale=guidance)
+            dsm = denoising_error(v, target[rows]).view(k, -1).mean(0)
+            kl = velocity_kl(v, v_reference[rows]).mean()
+            m = idx.numel()
+            loss, stats = diffusion_dpo_loss(
+                dsm[:m], dsm_reference[idx], dsm[m:], dsm_reference[idx + num_pairs], beta=hp.beta
+            )
+            loss = (loss + hp.kl_beta * kl) * (m / num_pairs)
+            losses.append(loss.detach())
+            stats_parts.append((m / num_pairs, stats, kl.detach()))
+            return loss
+
+        self._backward_chunks(self._sample_chunks(num_pairs), chunk_loss)
+        return torch.stack(losses).sum(), {
+            "dpo_sigmoid_weight": sum(w * s.sigmoid_weight for w, s, _ in stats_parts),
+            "reward_margin": sum(w * s.reward_margin for w, s, _ in stats_parts),
+            "reward_accuracy": sum(w * s.reward_accuracy for w, s, _ in stats_parts),
+            "kl": sum(w * kl for w, _, kl in stats_parts),
         }
 
     def _flow_grpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flow-GRPO's clipped policy gradient on ``K`` stored SDE transitions per sample."""
         hp = self.hparams
         if "trajectory" not in batch or "log_probs" not in batch:
             raise ValueError("flow_grpo trains on SDE transitions: set data.sampler=sde")
@@ -272,8 +365,8 @@ class DGPOModule(L.LightningModule):
         old_log_probs = batch["log_probs"].to(self.device)  # [N, S]
         sigmas = batch["sigmas"].to(self.device)
         advantages = batch["advantages"].to(self.device)
-        n, num_steps = old_log_probs.shape
-        # Steps ending in sigma = 0 have no noise (a deterministic last step); they carry no likelihood.
+        n = old_log_probs.shape[0]
+        # A step ending at sigma = 0 is deterministic (no noise), so it has no likelihood to train.
         candidates = (sigmas[1:] > 0).nonzero().flatten()
         k = min(hp.timesteps_per_sample, candidates.numel())
         steps = candidates[torch.randperm(candidates.numel(), generator=self._generator())[:k].to(self.device)]
@@ -284,22 +377,33 @@ class DGPOModule(L.LightningModule):
         cond = self.backbone.encode_prompts(list(batch["prompts"]))
         cond = concat_conditioning([cond] * k) if k > 1 else cond
         guidance = float(batch.get("guidance_scale", hp.train_guidance_scale))
-        v_online, v_reference = self._velocities(x_t, sigma, cond, guidance)
         noise_level = float(batch.get("noise_level", 0.7))
-        # Flow-GRPO takes the per-dimension mean log-density in the ratio (a sum over thousands of
-        # dimensions would make exp(log-ratio) overflow after the first update).
+        v_reference = self._reference_velocity(x_t, sigma, cond, guidance) if hp.kl_beta > 0 else None
+        # Flow-GRPO puts the per-dimension mean log-density in the ratio (a sum over thousands of
+        # dimensions would overflow exp(log-ratio) after the first update).
         dims = x_t[0].numel()
-        log_probs = sde_step_log_prob(v_online, x_t, x_next, sigma, sigma_next, noise_level=noise_level) / dims
         old = old_log_probs[:, steps].T.reshape(-1) / dims
-        loss, stats = flow_grpo_loss(log_probs, old, advantages.repeat(k), clip_range=hp.clip_range)
-        kl = velocity_kl(v_online, v_reference)
-        if hp.kl_beta > 0:
-            loss = loss + hp.kl_beta * kl.mean()
-        return loss, {
-            "clip_frac": stats.clip_frac,
-            "approx_kl": stats.approx_kl,
-            "ratio_mean": stats.ratio_mean,
-            "kl": kl.mean().detach(),
+        adv = advantages.repeat(k)
+        stats_parts, losses = [], []
+
+        def chunk_loss(idx: Tensor) -> Tensor:
+            rows = self._rows(idx, n, k)
+            v = self.backbone.velocity(x_t[rows], sigma[rows], index_conditioning(cond, rows), guidance_scale=guidance)
+            log_probs = sde_step_log_prob(v, x_t[rows], x_next[rows], sigma[rows], sigma_next[rows], noise_level=noise_level) / dims
+            loss, stats = flow_grpo_loss(log_probs, old[rows], adv[rows], clip_range=hp.clip_range)
+            kl = velocity_kl(v, v_reference[rows]).mean() if v_reference is not None else v.new_zeros(())
+            weight = idx.numel() / n
+            loss = (loss + hp.kl_beta * kl) * weight
+            losses.append(loss.detach())
+            stats_parts.append((weight, stats, kl.detach()))
+            return loss
+
+        self._backward_chunks(self._sample_chunks(n), chunk_loss)
+        return torch.stack(losses).sum(), {
+            "clip_frac": sum(w * s.clip_frac for w, s, _ in stats_parts),
+            "approx_kl": sum(w * s.approx_kl for w, s, _ in stats_parts),
+            "ratio_mean": sum(w * s.ratio_mean for w, s, _ in stats_parts),
+            "kl": sum(w * kl for w, _, kl in stats_parts),
         }
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

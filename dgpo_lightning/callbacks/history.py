@@ -20,12 +20,16 @@ class ScoreHistory(L.Callback):
 
     Args:
         metric: key of the headline score (default ``eval/geneval``).
+        dirpath: where to write (default: the logger's run directory).
     """
 
-    def __init__(self, metric: str = "eval/geneval"):
+    def __init__(self, metric: str = "eval/geneval", dirpath: str | None = None):
         self.metric = metric
+        self.dirpath = dirpath
         self.rows: list[dict[str, float]] = []
+        self._offset = 0.0
         self._fit_start: float | None = None
+        self._fit_end: float | None = None
         self._eval_seconds = 0.0
         self._eval_start: float | None = None
 
@@ -36,16 +40,20 @@ class ScoreHistory(L.Callback):
         self.rows = list(state_dict.get("rows", []))
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
+        # A resumed run continues the clock where the checkpointed history stopped.
+        self._offset = self.rows[-1]["seconds"] if self.rows else 0.0
+        self._fit_start, self._fit_end = time.perf_counter(), None
         self._eval_seconds = 0.0
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._eval_start = time.perf_counter()
 
     def training_seconds(self) -> float:
+        """Seconds of training so far (0 before ``fit``; frozen when ``fit`` ends)."""
         if self._fit_start is None:
             return 0.0
-        return time.perf_counter() - self._fit_start - self._eval_seconds
+        end = self._fit_end if self._fit_end is not None else time.perf_counter()
+        return self._offset + end - self._fit_start - self._eval_seconds
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -56,11 +64,10 @@ class ScoreHistory(L.Callback):
         if self.metric not in results:
             return
         datamodule = getattr(trainer, "datamodule", None)
-        offset = self.rows[-1]["seconds"] if (self.rows and self._fit_start is None) else 0.0
         row = {
             "epoch": float(trainer.current_epoch),
             "step": float(trainer.global_step),
-            "seconds": self.training_seconds() + offset,
+            "seconds": self.training_seconds(),
             "images": float(getattr(datamodule, "images_generated", 0)),
             **{k: float(v) for k, v in results.items()},
         }
@@ -69,7 +76,7 @@ class ScoreHistory(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         keys = sorted({k for row in self.rows for k in row}, key=lambda k: (k not in ("epoch", "step", "seconds", "images"), k))
         with (directory / "eval_history.csv").open("w", newline="") as handle:
@@ -78,8 +85,13 @@ class ScoreHistory(L.Callback):
             writer.writerows(self.rows)
         plot_history(self.rows, self.metric, directory / "score_vs_time.png")
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._fit_end = time.perf_counter()
+        self.summary()
+
+    @rank_zero_only
+    def summary(self) -> None:
+        """Log the first and last recorded score."""
         if len(self.rows) >= 2:
             first, last = self.rows[0][self.metric], self.rows[-1][self.metric]
             rank_zero_info(
