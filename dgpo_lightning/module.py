@@ -31,7 +31,6 @@ from dgpo_lightning.algo import (
     velocity_kl,
     velocity_target,
 )
-from dgpo_lightning.algo._checks import dense_groups
 from dgpo_lightning.models.backbone import concat_conditioning, index_conditioning
 from dgpo_lightning.sampling import sde_step_log_prob
 
@@ -181,19 +180,29 @@ class DGPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def _generator(self) -> torch.Generator:
-        seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 65_537 + int(self.global_rank)
+    def _generator(self, salt: int = 0) -> torch.Generator:
+        seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 65_537 + int(salt)
         return torch.Generator().manual_seed(seed)
 
-    def _noisy_copies(self, x0: Tensor, groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _noisy_copies(self, x0: Tensor, groups: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``K`` noisy versions of each sample with timesteps and noise shared inside each group.
+
+        Group ``group_ids[g]``'s timesteps and noise at optimizer step ``s`` come from
+        ``(seed, s, group id)`` alone, so a group trains the same whichever rank or batch holds it.
+
+        Args:
+            x0: ``[N, ...]`` clean latents; ``groups``: ``[N]`` dense group position ``0..P-1``;
+            group_ids: ``[P]`` global group ids.
 
         Returns ``x_t, t, v_target`` stacked k-major: ``[K·N, ...]``, ``[K·N]``, ``[K·N, ...]``."""
         hp = self.hparams
         k = hp.timesteps_per_sample
-        generator = self._generator()
-        t = sample_timesteps(num_groups, k, t_min=hp.t_min, t_max=hp.t_max, generator=generator)
-        noise = torch.randn((num_groups, k, *x0.shape[1:]), generator=generator)
+        draws_t, draws_noise = [], []
+        for gid in group_ids.tolist():
+            generator = self._generator(gid)
+            draws_t.append(sample_timesteps(1, k, t_min=hp.t_min, t_max=hp.t_max, generator=generator)[0])
+            draws_noise.append(torch.randn((k, *x0.shape[1:]), generator=generator))
+        t, noise = torch.stack(draws_t), torch.stack(draws_noise)
         t = t.to(x0.device, x0.dtype)[groups].T.reshape(-1)
         noise = noise.to(x0.device, x0.dtype)[groups].transpose(0, 1).reshape(-1, *x0.shape[1:])
         x0 = x0.repeat(k, *([1] * (x0.dim() - 1)))
@@ -259,9 +268,10 @@ class DGPOModule(L.LightningModule):
         x0 = batch["latents"].to(self.device)
         n = x0.shape[0]
         advantages = batch["advantages"].to(self.device)
-        groups, num_groups = dense_groups(batch["group_index"].to(self.device))
+        group_ids, groups = batch["group_index"].to(self.device).unique(return_inverse=True)
+        num_groups = group_ids.numel()
         weights = group_weights(advantages, groups, scheme=hp.group_weighting)
-        x_t, t, target = self._noisy_copies(x0, groups, num_groups)
+        x_t, t, target = self._noisy_copies(x0, groups, group_ids)
         cond = self.backbone.encode_prompts(list(batch["prompts"]))
         cond = concat_conditioning([cond] * k) if k > 1 else cond
         guidance = hp.train_guidance_scale
@@ -325,7 +335,7 @@ class DGPOModule(L.LightningModule):
         num_pairs = winners.numel()
         x0 = batch["latents"][pairs].to(self.device)
         pair_of = torch.arange(num_pairs, device=self.device).repeat(2)
-        x_t, t, target = self._noisy_copies(x0, pair_of, num_pairs)
+        x_t, t, target = self._noisy_copies(x0, pair_of, batch["group_index"][winners])
         cond = self.backbone.encode_prompts([batch["prompts"][i] for i in pairs.tolist()])
         cond = concat_conditioning([cond] * k) if k > 1 else cond
         guidance = hp.train_guidance_scale
@@ -369,7 +379,8 @@ class DGPOModule(L.LightningModule):
         # A step ending at sigma = 0 is deterministic (no noise), so it has no likelihood to train.
         candidates = (sigmas[1:] > 0).nonzero().flatten()
         k = min(hp.timesteps_per_sample, candidates.numel())
-        steps = candidates[torch.randperm(candidates.numel(), generator=self._generator())[:k].to(self.device)]
+        salt = int(batch["group_index"].min())
+        steps = candidates[torch.randperm(candidates.numel(), generator=self._generator(salt))[:k].to(self.device)]
         x_t = trajectory[:, steps].transpose(0, 1).reshape(k * n, *trajectory.shape[2:])
         x_next = trajectory[:, steps + 1].transpose(0, 1).reshape(k * n, *trajectory.shape[2:])
         sigma = sigmas[steps].repeat_interleave(n)

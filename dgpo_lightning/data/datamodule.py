@@ -131,22 +131,24 @@ class RolloutDataModule(L.LightningDataModule):
             self._reward = build_weighted(self.rewards, **self.reward_options)
         return self._reward
 
-    def rollout_seed(self, epoch: int, rank: int) -> int:
-        return (int(self.hparams.seed) * 1_000_003 + epoch) * 4099 + rank
+    def rollout_seed(self, epoch: int) -> int:
+        return int(self.hparams.seed) * 1_000_003 + epoch
 
     def make_rollout(self, backbone, *, epoch: int, rank: int = 0, world_size: int = 1, keep_trajectory: bool = False) -> Rollout:
         """The rollout rank ``rank`` trains on in ``epoch`` (no Lightning needed)."""
         hp = self.hparams
         draw = draw_prompts(
-            self.records, hp.prompts_per_rank * world_size, seed=self.rollout_seed(epoch, 0), balance_tags=hp.balance_tags
+            self.records, hp.prompts_per_rank * world_size, seed=self.rollout_seed(epoch), balance_tags=hp.balance_tags
         )
-        mine = draw[rank::world_size]  # whole groups per rank: a prompt's group never spans ranks
+        # Whole groups per rank: group g of the epoch's draw lives on rank g % world_size.
+        group_ids = list(range(rank, len(draw), world_size))
         return generate_groups(
             backbone,
-            [self.records[i] for i in mine],
+            [self.records[draw[g]] for g in group_ids],
             hp.group_size,
             self.reward,
-            seed=self.rollout_seed(epoch, rank),
+            seed=self.rollout_seed(epoch),
+            group_ids=group_ids,
             sampler=hp.sampler,
             num_steps=hp.num_steps,
             shift=hp.shift,
@@ -180,7 +182,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.rollouts_done += 1
         self.images_generated += self.hparams.prompts_per_rank * self.hparams.group_size * trainer.world_size
         groups = rollout.informative_groups() if self.hparams.skip_zero_std_groups else None
-        batches = rollout.batches(self.hparams.groups_per_batch, groups=groups, seed=self.rollout_seed(trainer.current_epoch, trainer.global_rank))
+        batches = rollout.batches(self.hparams.groups_per_batch, groups=groups, seed=self.rollout_seed(trainer.current_epoch) + trainer.global_rank)
         batches = batches[: _min_over_ranks(len(batches))]
         return DataLoader(_Batches(batches, self.hparams.passes_per_rollout), batch_size=None, collate_fn=_collate)
 

@@ -93,6 +93,12 @@ def sample_seeds(seed: int, count: int) -> list[int]:
     return torch.randint(0, 2**62, (count,), generator=generator).tolist()
 
 
+def group_member_seeds(seed: int, group_ids: Sequence[int], group_size: int) -> list[int]:
+    """Seed of member ``j`` of group ``g``, a function of ``(seed, g, j)`` only: a group gets the
+    same images whichever rank or batch it lands in."""
+    return [sample_seeds(int(seed) * 1_000_003 + int(g), group_size)[j] for g in group_ids for j in range(group_size)]
+
+
 @dataclass
 class Rollout:
     """One epoch's rollouts, kept as whole groups.
@@ -102,7 +108,7 @@ class Rollout:
         prompts, metadata: per sample (``metadata[i]`` may be ``None``).
         rewards: ``[N]`` weighted reward; ``reward_components`` per named reward.
         advantages: ``[N]`` group-normalised advantages.
-        group_index: ``[N]`` group label ``0..P-1`` (one group per prompt draw).
+        group_index: ``[N]`` group label (the group's id in the epoch's prompt draw).
         sigmas: ``[S + 1]`` sampler schedule.
         trajectory: ``[N, S + 1, C, H, W]`` states along the sampler path (only when kept).
         log_probs: ``[N, S]`` per-step log-probabilities (SDE only).
@@ -208,6 +214,7 @@ def generate_groups(
     reward: WeightedReward,
     *,
     seed: int,
+    group_ids: Sequence[int] | None = None,
     sampler: str = "ode_dpm",
     num_steps: int = 10,
     shift: float = 3.0,
@@ -220,7 +227,8 @@ def generate_groups(
 ) -> Rollout:
     """Sample ``group_size`` images for each prompt record, score them and compute advantages.
 
-    Every group member starts from its own seeded noise (``sample_seeds(seed, ...)``). Rewards are the
+    Member ``j`` of group ``g`` starts from noise seeded by ``(seed, g, j)`` (``group_ids`` default to
+    ``0..P-1``; pass global ids so results do not depend on how groups are spread over ranks). Rewards are the
     weighted sum of ``reward``'s components; groups where any component is non-finite for any
     member are reported with a warning and dropped (never silently zeroed).
 
@@ -232,11 +240,14 @@ def generate_groups(
     start_time = time.perf_counter()
     prompts = [str(r["prompt"]) for r in records for _ in range(group_size)]
     metadata = [r if ("include" in r or "tag" in r) else None for r in records for _ in range(group_size)]
-    group_index = torch.arange(len(records)).repeat_interleave(group_size)
+    group_ids = list(range(len(records))) if group_ids is None else [int(g) for g in group_ids]
+    if len(group_ids) != len(records) or len(set(group_ids)) != len(group_ids):
+        raise ValueError(f"need {len(records)} distinct group ids, got {group_ids}")
+    group_index = torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size)
     output = sample_latents(
         backbone,
         prompts,
-        sample_seeds(seed, len(prompts)),
+        group_member_seeds(seed, group_ids, group_size),
         sampler=sampler,
         num_steps=num_steps,
         shift=shift,
@@ -257,9 +268,10 @@ def generate_groups(
     keep = ~torch.isin(group_index, torch.tensor(dropped, dtype=torch.long))
     if dropped:
         names = [n for n, v in components.items() if not bool(torch.isfinite(v).all())]
+        bad_prompts = sorted({prompts[i] for i in bad.nonzero().flatten().tolist()})
         warnings.warn(
             f"reward(s) {names} returned non-finite scores for {int(bad.sum())} image(s); "
-            f"skipping {len(dropped)} group(s) (prompts: {[records[g]['prompt'] for g in dropped][:5]})",
+            f"skipping {len(dropped)} group(s) (prompts: {bad_prompts[:5]})",
             stacklevel=2,
         )
         if not bool(keep.any()):
