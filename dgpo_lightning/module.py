@@ -49,6 +49,8 @@ class DGPOModule(L.LightningModule):
         lora_rank, lora_alpha, lora_targets: adapter shape (``alpha`` defaults to ``2·rank``).
         beta: ``β`` of the implicit reward ``R = −(β/|g|)(ℓ_θ − ℓ_ref)`` (DGPO, Diffusion-DPO).
         t_min, t_max: training timesteps ``t ~ U[t_min, t_max]`` (timestep clipping; t = 1 is noise).
+        t_min_final, t_min_anneal_epochs: an adaptive clip: ``t_min`` moves linearly to
+            ``t_min_final`` over ``t_min_anneal_epochs`` rollout epochs (``None``: constant).
         timesteps_per_sample: ``K`` timesteps per sample per training step; the per-sample
             denoising error is their mean (Flow-GRPO: ``K`` trajectory steps per training step).
         group_weighting: per-sample weights in the group sum: ``advantage`` (the paper's ``A_i``),
@@ -81,6 +83,8 @@ class DGPOModule(L.LightningModule):
         beta: float = 30.0,
         t_min: float = 0.0,
         t_max: float = 1.0,
+        t_min_final: float | None = None,
+        t_min_anneal_epochs: int = 1,
         timesteps_per_sample: int = 1,
         group_weighting: Literal["advantage", "rank", "softmax"] = "advantage",
         reference: Literal["initial", "ema"] = "initial",
@@ -98,6 +102,10 @@ class DGPOModule(L.LightningModule):
         _check(beta >= 0 and math.isfinite(beta), "model.beta", beta, "must be a finite number >= 0")
         _check(0.0 <= t_min < 1.0, "model.t_min", t_min, "must lie in [0, 1) (t = 1 is pure noise)")
         _check(t_min < t_max <= 1.0, "model.t_max", t_max, f"must lie in (t_min={t_min}, 1]")
+        _check(
+            t_min_final is None or 0.0 <= t_min_final < t_max, "model.t_min_final", t_min_final, "must lie in [0, t_max)"
+        )
+        _check(t_min_anneal_epochs >= 1, "model.t_min_anneal_epochs", t_min_anneal_epochs, "must be >= 1")
         _check(timesteps_per_sample >= 1, "model.timesteps_per_sample", timesteps_per_sample, "must be >= 1")
         _check(0.0 < reference_decay < 1.0, "model.reference_decay", reference_decay, "must lie in (0, 1)")
         _check(kl_beta >= 0, "model.kl_beta", kl_beta, "must be >= 0")
@@ -184,6 +192,16 @@ class DGPOModule(L.LightningModule):
         seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 65_537 + int(salt)
         return torch.Generator().manual_seed(seed)
 
+    @property
+    def current_t_min(self) -> float:
+        """``t_min`` of the current epoch (constant unless ``t_min_final`` is set)."""
+        hp = self.hparams
+        if hp.t_min_final is None:
+            return hp.t_min
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        progress = min(1.0, epoch / hp.t_min_anneal_epochs)
+        return hp.t_min + (hp.t_min_final - hp.t_min) * progress
+
     def _noisy_copies(self, x0: Tensor, groups: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``K`` noisy versions of each sample with timesteps and noise shared inside each group.
 
@@ -200,7 +218,7 @@ class DGPOModule(L.LightningModule):
         draws_t, draws_noise = [], []
         for gid in group_ids.tolist():
             generator = self._generator(gid)
-            draws_t.append(sample_timesteps(1, k, t_min=hp.t_min, t_max=hp.t_max, generator=generator)[0])
+            draws_t.append(sample_timesteps(1, k, t_min=self.current_t_min, t_max=hp.t_max, generator=generator)[0])
             draws_noise.append(torch.randn((k, *x0.shape[1:]), generator=generator))
         t, noise = torch.stack(draws_t), torch.stack(draws_noise)
         t = t.to(x0.device, x0.dtype)[groups].T.reshape(-1)
