@@ -1,0 +1,210 @@
+"""Run the paper's comparisons on the embedded world and tabulate/plot them.
+
+    python experiments/run_ablations.py --suite all            # everything, resumable
+    python experiments/run_ablations.py --suite t_min --seeds 0 1 2 --minutes 6
+
+Each run is ``python -m dgpo_lightning fit`` with composed configs and a wall-clock budget; a run
+whose ``eval_history.csv`` ends with a ``done`` marker file is skipped, so an interrupted suite
+continues where it stopped. Results land in ``experiments/results/``: per-suite CSV and Markdown
+tables (mean ± std over seeds of the final held-out score, the visual-quality proxy and the time to
+reach a target) and PNG plots of score versus wall-clock time and versus images generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+BASE = ROOT / "base" / "world_dgpo.yaml"
+METRIC = "eval/geneval"
+QUALITY = "eval/sharpness"
+
+#: suite -> list of (run name, extra config files relative to experiments/)
+SUITES: dict[str, list[tuple[str, list[str]]]] = {
+    "speed": [
+        ("dgpo", []),
+        ("flow_grpo", ["base/world_flow_grpo.yaml"]),
+        ("diffusion_dpo", ["base/world_diffusion_dpo.yaml"]),
+    ],
+    "sampler": [("ode", ["ablations/sampler/ode.yaml"]), ("sde", ["ablations/sampler/sde.yaml"])],
+    "t_min": [(f"t_min={t}", [f"ablations/t_min/{t}.yaml"]) for t in ("0.0", "0.2", "0.4", "0.6")],
+    "group_size": [(f"G={g}", [f"ablations/group_size/{g}.yaml"]) for g in (2, 4, 8, 16)],
+    "open_questions": [
+        ("advantage", []),
+        ("rank", ["ablations/group_weighting/rank.yaml"]),
+        ("softmax", ["ablations/group_weighting/softmax.yaml"]),
+        ("t_min annealed 0.6->0.2", ["ablations/t_min_schedule/anneal.yaml"]),
+    ],
+}
+
+
+def run_dir(out: Path, suite: str, name: str, seed: int) -> Path:
+    safe = name.replace("=", "_").replace(" ", "_").replace(">", "").replace("-", "_")
+    return out / "runs" / suite / safe / f"seed{seed}"
+
+
+def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float, out: Path, eval_every: int) -> Path:
+    directory = run_dir(out, suite, name, seed)
+    if (directory / "done").exists():
+        print(f"[skip] {suite}/{name} seed {seed}: done")
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    seconds = int(minutes * 60)
+    command = [
+        sys.executable, "-m", "dgpo_lightning", "fit",
+        "--config", str(BASE),
+        *[arg for config in configs for arg in ("--config", str(ROOT / config))],
+        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--trainer.default_root_dir={directory}",
+        f"--trainer.logger.init_args.save_dir={directory}",
+        f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
+        "--trainer.max_epochs=100000",
+        f"--trainer.check_val_every_n_epoch={eval_every}",
+        "--trainer.enable_progress_bar=false",
+        "--data.progress=false",
+        "--data.eval_rewards=[geneval, sharpness]",
+    ]
+    print(f"[run] {suite}/{name} seed {seed} ({minutes} min)", flush=True)
+    start = time.perf_counter()
+    with (directory / "log.txt").open("w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if code != 0:
+        raise SystemExit(f"{suite}/{name} seed {seed} failed (exit {code}); see {directory / 'log.txt'}")
+    (directory / "done").write_text(f"{time.perf_counter() - start:.0f} s\n")
+    return directory
+
+
+def read_history(directory: Path) -> list[dict[str, float]]:
+    """Evaluation rows of a run (written by the ScoreHistory callback somewhere under ``directory``)."""
+    path = next(directory.glob("**/eval_history.csv"))
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def base_row(out: Path) -> dict[str, float]:
+    """The shipped base model's evaluation (identical for every run: same model, prompts and seeds)."""
+    directory = out / "runs" / "base"
+    if not (directory / "done").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
+            f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}",
+            "--trainer.enable_progress_bar=false", "--data.eval_rewards=[geneval, sharpness]",
+        ]
+        with (directory / "log.txt").open("w") as log:
+            if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
+                raise SystemExit(f"base evaluation failed; see {directory / 'log.txt'}")
+        (directory / "done").write_text("ok\n")
+    return read_history(directory)[0]
+
+
+def time_to(rows: list[dict[str, float]], target: float) -> float | None:
+    for row in rows:
+        if row[METRIC] >= target:
+            return row["seconds"]
+    return None
+
+
+def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Path) -> None:
+    """Tables (CSV + Markdown) and plots for one suite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_scores = [rows[0][METRIC] for seeds in runs.values() for rows in seeds]
+    base = statistics.mean(base_scores)
+    finals = {name: [rows[-1][METRIC] for rows in seeds] for name, seeds in runs.items()}
+    best_final = max(statistics.mean(v) for v in finals.values())
+    target = base + 0.5 * (best_final - base)  # half of the best method's gain: every method can be timed
+    lines = []
+    for name, seeds in runs.items():
+        final = [rows[-1][METRIC] for rows in seeds]
+        quality = [rows[-1].get(QUALITY, float("nan")) for rows in seeds]
+        reach = [time_to(rows, target) for rows in seeds]
+        reached = [r for r in reach if r is not None]
+        lines.append({
+            "run": name,
+            "seeds": len(seeds),
+            "final_mean": statistics.mean(final),
+            "final_std": statistics.pstdev(final) if len(final) > 1 else 0.0,
+            "gain": statistics.mean(final) - base,
+            "quality_proxy": statistics.mean(quality),
+            "minutes_to_target": statistics.mean(reached) / 60 if reached else float("nan"),
+            "reached_target": f"{len(reached)}/{len(seeds)}",
+            "images": statistics.mean(rows[-1]["images"] for rows in seeds),
+        })
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    with (results / f"{suite}.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(lines[0]))
+        writer.writeheader()
+        writer.writerows(lines)
+    with (results / f"{suite}.md").open("w") as handle:
+        handle.write(f"### {suite}\n\nbase {METRIC} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
+        handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images |\n")
+        handle.write("|---|---|---|---|---|---|---|---|\n")
+        for row in lines:
+            handle.write(
+                f"| {row['run']} | {row['seeds']} | {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
+                f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} |\n"
+            )
+        reference = lines[0]
+        if suite == "speed" and reference["minutes_to_target"] == reference["minutes_to_target"]:
+            handle.write("\nSpeed-up of the first run to the target, measured side by side:\n\n")
+            for row in lines[1:]:
+                ratio = row["minutes_to_target"] / reference["minutes_to_target"]
+                note = f"{ratio:.1f}x" if ratio == ratio else "did not reach the target in the budget"
+                handle.write(f"- {reference['run']} vs {row['run']}: {note}\n")
+    figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, seeds in runs.items():
+        for index, rows in enumerate(seeds):
+            kwargs = {"label": name} if index == 0 else {}
+            color = by_time.plot([r["seconds"] / 60 for r in rows], [r[METRIC] for r in rows], alpha=0.8, **kwargs)[0].get_color()
+            by_images.plot([r["images"] for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color)
+    for axis, label in ((by_time, "training wall-clock (min)"), (by_images, "rollout images generated")):
+        axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel(label)
+        axis.set_ylabel(f"held-out {METRIC}")
+        axis.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
+    figure.suptitle(f"{suite} (one line per seed)")
+    figure.tight_layout()
+    figure.savefig(results / f"{suite}.png", dpi=110)
+    plt.close(figure)
+    print((results / f"{suite}.md").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, default=4.0, help="training budget per run")
+    parser.add_argument("--eval-every", type=int, default=3, help="rollout epochs between evaluations")
+    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--summarize-only", action="store_true")
+    args = parser.parse_args()
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    base = base_row(args.out)
+    for suite in suites:
+        runs: dict[str, list[list[dict[str, float]]]] = {}
+        for name, configs in SUITES[suite]:
+            for seed in args.seeds:
+                directory = run_dir(args.out, suite, name, seed)
+                if not args.summarize_only:
+                    directory = launch(suite, name, configs, seed, args.minutes, args.out, args.eval_every)
+                if (directory / "done").exists():
+                    runs.setdefault(name, []).append([base] + read_history(directory))
+        if runs:
+            summarize(suite, runs, args.out)
+
+
+if __name__ == "__main__":
+    main()
