@@ -1,12 +1,33 @@
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dgpo_lightning.rewards.base import _REGISTRY, register  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+if "test_brightness" not in _REGISTRY:
+
+    @register("test_brightness")
+    def _brightness(**_):
+        """Mean pixel value: a cheap reward with spread even for an untrained model (tests only)."""
+        return lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world_path(tmp_path_factory):
+    """A tiny random embedded-world backbone saved with ``save_backbone`` (same code as the shipped one)."""
+    from dgpo_lightning.world.backbone import save_backbone, tiny_backbone
+
+    path = tmp_path_factory.mktemp("tiny_world")
+    torch.manual_seed(0)
+    save_backbone(tiny_backbone(), path)
+    return path
