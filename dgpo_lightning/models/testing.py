@@ -1,0 +1,245 @@
+"""Tiny random stand-ins for the real models, built offline in code (tests, notebooks, CI).
+
+Nothing here touches a hub: the tokenizers are built from a few sentences (a byte-level BPE vocabulary
+for CLIP, a unigram vocabulary for T5) and every network is a randomly initialised diffusers /
+transformers model of the right *architecture* with tiny widths. The real SD3 code path (three text
+encoders, MMDiT transformer, 16-channel VAE with scaling and shift factors, LoRA save/load) therefore
+runs end to end on a CPU in a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+#: A few sentences the tiny tokenizers learn their vocabulary from (GenEval/OCR-style prompts).
+DEFAULT_CORPUS: tuple[str, ...] = (
+    "a photo of a cat",
+    "a photo of a dog and a red apple",
+    "a photo of two blue cars",
+    "a green bench to the left of a yellow umbrella",
+    'a sign that says "hello world" in bold letters',
+    'a poster with the text "open" written on it',
+    "a realistic photo of an astronaut riding a horse",
+    "three purple birds on a white table",
+)
+
+#: Widths of the tiny SD3. The two CLIP hidden sizes add up to the T5 width, as in SD3 (768 + 1280
+#: < 4096, zero-padded there; equal here, so no padding and no truncation happens).
+TINY_SD3 = {
+    "clip_hidden": 16,
+    "clip_projection": 16,
+    "t5_width": 32,
+    "latent_channels": 16,
+    "resolution": 32,
+}
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _words(corpus: Sequence[str]) -> list[str]:
+    import re
+
+    return [w for line in corpus for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", line.lower())]
+
+
+def learn_bpe_merges(corpus: Sequence[str], num_merges: int = 64) -> list[tuple[str, str]]:
+    """Greedy byte-pair merges learnt from ``corpus`` with CLIP's ``</w>`` end-of-word marker.
+
+    Each word starts as its characters (the last one carrying ``</w>``); the most frequent adjacent
+    pair is merged ``num_merges`` times (ties broken alphabetically, so the result is deterministic).
+    """
+    counts = collections.Counter(_words(corpus))
+    words = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in counts}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: collections.Counter = collections.Counter()
+        for word, symbols in words.items():
+            for a, b in zip(symbols, symbols[1:]):
+                pairs[(a, b)] += counts[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for word, symbols in words.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            words[word] = merged
+    return merges
+
+
+def build_clip_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: int = 64, model_max_length: int = 77):
+    """A ``CLIPTokenizer`` with a small byte-level BPE vocabulary (every byte, with and without
+    ``</w>``, plus the merges learnt from ``corpus``), so any text tokenizes without an unknown token.
+    """
+    from transformers import CLIPTokenizer
+
+    merges = learn_bpe_merges(corpus, num_merges)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS):
+    """A ``T5Tokenizer`` (tokenizers' unigram model) whose pieces are the corpus words, single
+    characters and the ``▁`` word-start marker; scores are log frequencies, so known words win."""
+    from transformers import T5Tokenizer
+
+    counts = collections.Counter(_words(corpus))
+    total = sum(counts.values())
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, math.log(n / total)) for w, n in sorted(counts.items())]
+    vocab += [(c, -12.0) for c in chars] + [("▁" + c, -12.5) for c in chars if c not in counts]
+    vocab = list({piece: score for piece, score in vocab}.items())
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_clip_text_config(tokenizer, hidden_size: int = 16, projection_dim: int = 16):
+    """A tiny ``CLIPTextConfig`` matched to ``tokenizer`` (vocabulary, special ids)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size + 5,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` with tiny random components, built offline.
+
+    Architecture as in SD3.5-Medium (MMDiT with QK RMS-norm and a dual-attention block, CLIP-L/G
+    with projection, T5 encoder, 16-channel VAE without quant convs, SD3's VAE scaling 1.5305 and
+    shift 0.0609, flow-matching Euler scheduler with shift 3), widths tiny. The VAE downsamples by
+    2, so the default 32 px images have 16x16 latents (64 transformer tokens with patch size 2).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    sizes = TINY_SD3
+    tokenizer = build_clip_tokenizer()
+    tokenizer_3 = build_t5_tokenizer()
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(
+        tiny_clip_text_config(tokenizer, sizes["clip_hidden"], sizes["clip_projection"])
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_clip_text_config(tokenizer, sizes["clip_hidden"], sizes["clip_projection"])
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=sizes["t5_width"],
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=sizes["resolution"] // 2,
+        patch_size=2,
+        in_channels=sizes["latent_channels"],
+        out_channels=sizes["latent_channels"],
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=sizes["t5_width"],
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * sizes["clip_projection"],
+        pos_embed_max_size=32,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+    )
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=sizes["latent_channels"],
+        norm_num_groups=4,
+        sample_size=sizes["resolution"],
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.eval()
+    return pipe
+
+
+def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, projection_dim: int = 16) -> Path:
+    """Write a tiny random ``CLIPModel`` and its ``CLIPProcessor`` to ``directory`` (for the
+    CLIP-family rewards: PickScore, Aesthetic, CLIPScore). Returns ``directory``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    directory = Path(directory)
+    tokenizer = build_clip_tokenizer()
+    text = tiny_clip_text_config(tokenizer, hidden_size=16, projection_dim=projection_dim)
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim))
+    model.save_pretrained(directory)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
