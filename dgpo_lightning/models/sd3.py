@@ -116,7 +116,8 @@ class SD3Backbone(nn.Module):
             raise FileNotFoundError(f"{text!r} is not a diffusers pipeline directory: model_index.json is missing")
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(
-                str(local) if local.exists() else text, torch_dtype=_as_dtype(torch_dtype), **pipeline_kwargs
+                # diffusers >= 0.36 names it ``dtype`` (``torch_dtype`` is deprecated there).
+                str(local) if local.exists() else text, dtype=_as_dtype(torch_dtype), **pipeline_kwargs
             )
         except OSError as error:
             offline = " (HF_HUB_OFFLINE=1: hub ids resolve only from the local cache)" if os.environ.get(

@@ -1,0 +1,330 @@
+"""SD3 backbone and LoRA helpers on a tiny random SD3 built offline (no hub, CPU, seconds)."""
+
+import pytest
+import torch
+from torch import nn
+
+from dgpo_lightning.models.backbone import Backbone
+from dgpo_lightning.models.lora import (
+    SD3_TARGET_MODULES,
+    add_lora,
+    fold_lora,
+    load_lora,
+    reference_mode,
+    save_lora,
+    trainable_parameters,
+)
+from dgpo_lightning.models.sd3 import SD3Backbone
+from dgpo_lightning.models.testing import build_tiny_sd3
+
+RES = 32
+PROMPTS = ["a photo of a cat", "a photo of two blue cars", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One untouched tiny SD3 for the read-only tests."""
+    pipe = build_tiny_sd3(seed=0)
+    return pipe, SD3Backbone.from_pipeline(pipe, resolution=RES)
+
+
+def _fresh(seed=0):
+    return SD3Backbone.from_pipeline(build_tiny_sd3(seed=seed), resolution=RES)
+
+
+def _inputs(backbone, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *backbone.latent_shape(), generator=g)
+    t = torch.rand(batch, generator=g)
+    return x, t
+
+
+def _randomise_lora_b(denoiser, seed=3):
+    # B starts at zero (adapted model == base); give it values so the adapter changes outputs.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+
+
+def test_backbone_protocol_and_latent_shape(shared):
+    pipe, backbone = shared
+    assert isinstance(backbone, Backbone)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    assert backbone.latent_shape() == (pipe.transformer.config.in_channels, RES // factor, RES // factor)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SD3Backbone.from_pipeline(pipe, resolution=30)
+
+
+def test_encode_prompts_matches_pipeline_and_uses_cache(shared, monkeypatch):
+    pipe, _ = shared
+    backbone = SD3Backbone.from_pipeline(pipe, resolution=RES)
+    cond = backbone.encode_prompts(PROMPTS)
+    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(
+        prompt=PROMPTS, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=256
+    )
+    torch.testing.assert_close(cond["prompt_embeds"], ref_embeds)
+    torch.testing.assert_close(cond["pooled_prompt_embeds"], ref_pooled)
+    assert cond["prompt_embeds"].shape == (3, 77 + 256, pipe.transformer.config.joint_attention_dim)
+    assert backbone.cache_misses == 2  # the repeated prompt is encoded once
+
+    calls = []
+    original = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda **kw: calls.append(kw["prompt"]) or original(**kw))
+    again = backbone.encode_prompts(["a photo of two blue cars", "a red apple"])
+    assert calls == [["a red apple"]]  # only the new prompt reaches the text encoders
+    assert backbone.cache_hits == 1
+    torch.testing.assert_close(again["prompt_embeds"][0], ref_embeds[1])
+
+    small = SD3Backbone.from_pipeline(pipe, resolution=RES, prompt_cache_size=1)
+    small.encode_prompts(["a", "b"])
+    assert list(small._cache) == ["b"]  # least recently used dropped
+
+
+def test_velocity_is_sd3_transformer_at_1000t(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        expected = pipe.transformer(
+            hidden_states=x,
+            timestep=1000 * t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+        ).sample
+        v = backbone.velocity(x, t, cond)
+    assert v.shape == x.shape
+    torch.testing.assert_close(v, expected)
+    # A scalar t broadcasts over the batch.
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(x, 0.5, cond), backbone.velocity(x, torch.full((3,), 0.5), cond))
+
+
+def test_cfg_formula_against_manual_unconditional_pass(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    _, neg_embeds, _, neg_pooled = pipe.encode_prompt(
+        prompt=PROMPTS, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True, negative_prompt=""
+    )
+    uncond = {"prompt_embeds": neg_embeds, "pooled_prompt_embeds": neg_pooled}
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        v_c = backbone.velocity(x, t, cond)
+        v_u = backbone.velocity(x, t, uncond)
+        v_cfg = backbone.velocity(x, t, cond, guidance_scale=4.5)
+    assert not torch.allclose(v_c, v_u)
+    torch.testing.assert_close(v_cfg, v_u + 4.5 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+def test_two_step_euler_rollout_matches_diffusers_pipeline(shared):
+    pipe, backbone = shared
+    prompts = PROMPTS[:2]
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = pipe(
+            prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=4.5, latents=x.clone(), output_type="latent"
+        ).images
+        pipe.scheduler.set_timesteps(2)
+        sigmas = pipe.scheduler.sigmas.tolist()  # SD3's shifted schedule, ending at 0
+        cond = backbone.encode_prompts(prompts)
+        latents = x
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = backbone.velocity(latents, torch.full((2,), sigma), cond, guidance_scale=4.5)
+            latents = latents + (sigma_next - sigma) * v
+        images = backbone.decode(latents)
+    assert len(sigmas) == 3 and sigmas[0] == pytest.approx(1.0) and sigmas[-1] == 0.0
+    torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-5)
+    assert images.shape == (2, 3, RES, RES)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_decode_encode_use_vae_scaling_and_shift(shared):
+    pipe, backbone = shared
+    vae = pipe.vae
+    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = backbone.decode(z)
+        manual = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+        torch.testing.assert_close(images, (manual / 2 + 0.5).clamp(0, 1))
+        latents = backbone.encode(images)
+        mean = vae.encode(2 * images - 1).latent_dist.mean
+    assert images.shape == (2, 3, RES, RES)
+    assert latents.shape == z.shape
+    torch.testing.assert_close(latents, (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
+def test_from_pretrained_round_trip_and_missing_path(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "sd3")
+    loaded = SD3Backbone.from_pretrained(tmp_path / "sd3", torch_dtype="float32", resolution=RES, device="cpu")
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        cond = backbone.encode_prompts(PROMPTS)
+        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
+        torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
+    missing = tmp_path / "nowhere" / "sd3.5-medium"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        SD3Backbone.from_pretrained(missing)
+
+
+def test_bfloat16_weights_with_fp32_adapter(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "sd3")
+    half = SD3Backbone.from_pretrained(tmp_path / "sd3", torch_dtype="bfloat16", resolution=RES)
+    assert half.denoiser.dtype == torch.bfloat16
+    add_lora(half.denoiser, rank=4)
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
+    x, t = _inputs(backbone)
+    cond = half.encode_prompts(PROMPTS)
+    v = half.velocity(x, t, cond)
+    with torch.no_grad():
+        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS))
+    assert v.dtype == torch.float32
+    assert (v - v32).abs().max() < 0.1 * v32.abs().max()  # bf16 rounding only
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
+    assert half.decode(x[:1]).dtype == torch.float32
+
+
+def test_train_mode_keeps_frozen_parts_in_eval(shared):
+    _, backbone = shared
+    backbone.train()
+    try:
+        assert backbone.denoiser.training
+        assert not any(m.training for m in backbone.text_encoders.modules())
+        assert not backbone.vae.training
+    finally:
+        backbone.eval()
+
+
+def test_lora_targets_trainable_params_and_reference_mode():
+    backbone = _fresh()
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        base = backbone.velocity(x, t, cond)
+    config = add_lora(backbone.denoiser)
+    assert config.r == 64 and config.lora_alpha == 128
+    assert set(config.target_modules) == set(SD3_TARGET_MODULES)
+    params = trainable_parameters(backbone)
+    lora_names = {n for n, p in backbone.denoiser.named_parameters() if "lora_" in n}
+    assert len(params) == len(lora_names) > 0
+    assert all(p.requires_grad for n, p in backbone.denoiser.named_parameters() if n in lora_names)
+    assert not any(p.requires_grad for n, p in backbone.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(x, t, cond), base)  # B = 0 at init
+    _randomise_lora_b(backbone.denoiser)
+    with torch.no_grad():
+        online = backbone.velocity(x, t, cond)
+        with reference_mode(backbone.denoiser):
+            reference = backbone.velocity(x, t, cond)
+        after = backbone.velocity(x, t, cond)
+    assert not torch.allclose(online, base, atol=1e-3)
+    torch.testing.assert_close(reference, base)
+    torch.testing.assert_close(after, online)
+    assert all(p.requires_grad for p in params)  # flags restored after reference_mode
+
+    # Gradients reach only the adapter.
+    loss = backbone.velocity(x, t, cond).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in params)
+    assert all(p.grad is None for n, p in backbone.named_parameters() if "lora_" not in n)
+
+
+def test_lora_targets_are_configurable_and_missing_ones_skipped():
+    backbone = _fresh()
+    config = add_lora(backbone.denoiser, rank=2, alpha=3.0, target_modules=["to_q", "not_a_layer"])
+    assert list(config.target_modules) == ["to_q"] and config.lora_alpha == 3.0
+    names = [n for n, _ in backbone.denoiser.named_parameters() if "lora_A" in n]
+    assert names and all(".to_q." in n for n in names)
+    with pytest.raises(ValueError, match="none of the LoRA targets"):
+        add_lora(nn.Sequential(nn.Linear(2, 2)), rank=2)
+
+
+def test_lora_save_load_into_fresh_pipeline_gives_identical_outputs(tmp_path):
+    backbone = _fresh(seed=0)
+    add_lora(backbone.denoiser, rank=4)  # alpha 8: scaling 2, so a lost alpha would show
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        expected = backbone.velocity(x, t, cond)
+    save_lora(backbone, tmp_path / "adapter")
+
+    pipe = build_tiny_sd3(seed=0)
+    with torch.no_grad():
+        untouched = pipe.transformer(
+            hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+        ).sample
+        pipe.load_lora_weights(tmp_path / "adapter")
+        loaded = pipe.transformer(
+            hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+        ).sample
+    assert not torch.allclose(untouched, expected, atol=1e-3)
+    torch.testing.assert_close(loaded, expected)
+    with torch.no_grad():  # and the plain pipeline still generates with it
+        images = pipe(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, RES, RES)
+
+    # Our own loader reads the same directory into a fresh backbone, adapter trainable (resume).
+    fresh = _fresh(seed=0)
+    load_lora(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, t, cond), expected)
+    assert trainable_parameters(fresh) and all("lora_" in n for n, p in fresh.named_parameters() if p.requires_grad)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        load_lora(_fresh(), tmp_path)
+
+
+def test_fold_lora_moves_reference_to_online_model():
+    backbone = _fresh()
+    add_lora(backbone.denoiser, rank=4)
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        online = backbone.velocity(x, t, cond)
+        fold_lora(backbone.denoiser)
+        folded = backbone.velocity(x, t, cond)
+        with reference_mode(backbone.denoiser):
+            reference = backbone.velocity(x, t, cond)
+    torch.testing.assert_close(folded, online, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reference, online, rtol=1e-4, atol=1e-5)
+
+
+class _TinyAttentionNet(nn.Module):
+    """A non-diffusers denoiser with attention-style layer names (as a world network might have)."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(6, 6)
+        self.to_k = nn.Linear(6, 6)
+        self.mlp = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.mlp(self.to_q(x) * torch.sigmoid(self.to_k(x)))
+
+
+def test_generic_lora_save_load_in_peft_format(tmp_path):
+    torch.manual_seed(0)
+    net = _TinyAttentionNet()
+    fresh = _TinyAttentionNet()
+    fresh.load_state_dict(net.state_dict())
+    x = torch.randn(4, 6)
+    config = add_lora(net, rank=2)
+    assert sorted(config.target_modules) == ["to_k", "to_q"]
+    _randomise_lora_b(net)
+    with torch.no_grad():
+        expected = net(x)
+        with reference_mode(net):
+            torch.testing.assert_close(net(x), fresh(x))
+    save_lora(net, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    load_lora(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        save_lora(_TinyAttentionNet(), tmp_path / "other")
