@@ -1,4 +1,10 @@
-"""Backbones behind one protocol (see :mod:`dgpo_lightning.models.backbone`)."""
+"""Backbones behind one protocol (see :mod:`dgpo_lightning.models.backbone`).
+
+:class:`~dgpo_lightning.models.sd3.SD3Backbone` wraps a diffusers Stable Diffusion 3/3.5 pipeline;
+:mod:`dgpo_lightning.models.lora` adds, disables (reference), folds, saves and loads peft adapters;
+:mod:`dgpo_lightning.models.testing` builds tiny random stand-ins offline. diffusers, transformers
+and peft are imported only when those are used.
+"""
 
 from dgpo_lightning.models.backbone import (
     Backbone,
@@ -7,5 +13,13 @@ from dgpo_lightning.models.backbone import (
     index_conditioning,
     repeat_conditioning,
 )
+from dgpo_lightning.models.sd3 import SD3Backbone
 
-__all__ = ["Backbone", "Conditioning", "concat_conditioning", "index_conditioning", "repeat_conditioning"]
+__all__ = [
+    "Backbone",
+    "Conditioning",
+    "SD3Backbone",
+    "concat_conditioning",
+    "index_conditioning",
+    "repeat_conditioning",
+]
