@@ -46,29 +46,23 @@ def export_model(module: L.LightningModule, target: str | Path) -> Path:
 
         if hp.finetune == "lora":
             backbone = copy.deepcopy(backbone)
-            backbone.denoiser = backbone.denoiser.merge_and_unload() if hasattr(backbone.denoiser, "merge_and_unload") else _merged(backbone.denoiser)
+            backbone.denoiser = _merged(backbone.denoiser)
         save_backbone(backbone, target)
     return target
 
 
 def _merged(denoiser):
-    # diffusers models carry peft layers in place (``add_adapter``); fuse them into the base weights.
+    """The denoiser with its LoRA updates folded into the base weights and the peft layers removed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for layer in denoiser.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.merge()
-    return _strip_adapters(denoiser)
+    from dgpo_lightning.models.lora import fold_lora
 
-
-def _strip_adapters(denoiser):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(denoiser.named_modules()):
+    fold_lora(denoiser)
+    for module in list(denoiser.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, BaseTunerLayer):
                 setattr(module, child_name, child.get_base_layer())
-    if hasattr(denoiser, "_hf_peft_config_loaded"):
+    if getattr(denoiser, "_hf_peft_config_loaded", False):  # diffusers' adapter bookkeeping
         denoiser._hf_peft_config_loaded = False
         denoiser.peft_config = {}
     return denoiser

@@ -102,6 +102,12 @@ class RolloutDataModule(L.LightningDataModule):
         _check(group_size >= 2, "data.group_size", group_size, "must be >= 2 (a group needs a preference)")
         _check(prompts_per_rank >= 1, "data.prompts_per_rank", prompts_per_rank, "must be >= 1")
         _check(groups_per_batch >= 1, "data.groups_per_batch", groups_per_batch, "must be >= 1")
+        _check(
+            groups_per_batch <= prompts_per_rank,
+            "data.groups_per_batch",
+            groups_per_batch,
+            f"must be <= data.prompts_per_rank={prompts_per_rank} (a batch holds whole groups of one rank)",
+        )
         _check(passes_per_rollout >= 1, "data.passes_per_rollout", passes_per_rollout, "must be >= 1")
         _check(num_steps >= 1, "data.num_steps", num_steps, "must be >= 1")
         _check(shift > 0, "data.shift", shift, "must be > 0")
