@@ -187,6 +187,11 @@ class SD3Backbone(nn.Module):
         self.cache_misses += len(missing)
         if missing:
             embeds, pooled = self._encode_uncached(missing)
+            if embeds.is_inference():
+                # Encoded inside torch.inference_mode (e.g. a validation rollout): keep normal
+                # tensors in the cache so later training steps may use them in autograd.
+                with torch.inference_mode(False):
+                    embeds, pooled = embeds.clone(), pooled.clone()
             for i, prompt in enumerate(missing):
                 found[prompt] = (embeds[i], pooled[i])
                 if self.prompt_cache_size > 0:

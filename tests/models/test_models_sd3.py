@@ -81,6 +81,11 @@ def test_encode_prompts_matches_pipeline_and_uses_cache(shared, monkeypatch):
     small.encode_prompts(["a", "b"])
     assert list(small._cache) == ["b"]  # least recently used dropped
 
+    # Prompts first seen inside inference_mode (validation rollouts) are cached as normal tensors.
+    with torch.inference_mode():
+        backbone.encode_prompts(["three purple birds"])
+    assert not backbone._cache["three purple birds"][0].is_inference()
+
 
 def test_velocity_is_sd3_transformer_at_1000t(shared):
     pipe, backbone = shared
@@ -163,6 +168,10 @@ def test_from_pretrained_round_trip_and_missing_path(shared, tmp_path):
         cond = backbone.encode_prompts(PROMPTS)
         torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
         torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
+    from dgpo_lightning.models.factory import load_backbone
+
+    via_config = load_backbone("sd3", str(tmp_path / "sd3"), resolution=RES, torch_dtype="float32")
+    assert isinstance(via_config, SD3Backbone) and via_config.latent_shape() == backbone.latent_shape()
     missing = tmp_path / "nowhere" / "sd3.5-medium"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         SD3Backbone.from_pretrained(missing)
