@@ -196,6 +196,20 @@ def test_bfloat16_weights_with_fp32_adapter(shared, tmp_path):
     assert half.decode(x[:1]).dtype == torch.float32
 
 
+def test_pipeline_property_follows_swapped_denoiser():
+    import copy
+
+    backbone = _fresh()
+    online = backbone.denoiser
+    backbone.denoiser = copy.deepcopy(online)  # what full fine-tuning's reference swap does
+    assert backbone.pipeline.transformer is backbone.denoiser
+    backbone.denoiser = online
+    assert backbone.pipeline.transformer is online
+    with torch.no_grad():
+        images = backbone.pipeline(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, RES, RES)
+
+
 def test_train_mode_keeps_frozen_parts_in_eval(shared):
     _, backbone = shared
     backbone.train()
@@ -337,3 +351,23 @@ def test_generic_lora_save_load_in_peft_format(tmp_path):
         torch.testing.assert_close(fresh(x), expected)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         save_lora(_TinyAttentionNet(), tmp_path / "other")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_backbone_on_cuda():
+    backbone = SD3Backbone.from_pipeline(build_tiny_sd3(seed=0), resolution=RES).to("cuda", torch.bfloat16)
+    add_lora(backbone.denoiser, rank=4)
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert cond["prompt_embeds"].device.type == "cuda"
+    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
+    t = torch.rand(3, device="cuda")
+    v = backbone.velocity(x, t, cond, guidance_scale=4.5)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    backbone.velocity(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None for p in trainable_parameters(backbone))
+    with torch.no_grad(), reference_mode(backbone.denoiser):
+        assert torch.isfinite(backbone.velocity(x, t, cond)).all()
+    images = backbone.decode(x)
+    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)
