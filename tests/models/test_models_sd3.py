@@ -144,6 +144,26 @@ def test_two_step_euler_rollout_matches_diffusers_pipeline(shared):
     assert 0.0 <= images.min() and images.max() <= 1.0
 
 
+def test_package_samplers_drive_the_sd3_backbone(shared):
+    from dgpo_lightning.sampling import flow_sigmas, ode_dpm, ode_euler
+
+    pipe, backbone = shared
+    prompts = PROMPTS[:2]
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cond = backbone.encode_prompts(prompts)
+        velocity = lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.5)  # noqa: E731
+        reference = pipe(
+            prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=4.5, latents=x.clone(), output_type="latent"
+        ).images
+        pipe.scheduler.set_timesteps(2)
+        euler = ode_euler(velocity, x, pipe.scheduler.sigmas.float()).sample
+        dpm = ode_dpm(velocity, x, flow_sigmas(2, shift=3.0)).sample  # the paper's rollout sampler
+    torch.testing.assert_close(euler, reference, rtol=1e-4, atol=1e-5)
+    assert dpm.shape == x.shape and torch.isfinite(dpm).all()
+    assert backbone.decode(dpm).shape == (2, 3, RES, RES)
+
+
 def test_decode_encode_use_vae_scaling_and_shift(shared):
     pipe, backbone = shared
     vae = pipe.vae
