@@ -1,0 +1,215 @@
+"""Pretrain the embedded world's flow model on freshly rendered scenes.
+
+``python -m dgpo_lightning.world.pretrain --out DIR [--minutes M] [--steps N] [--seed S]``
+
+Every step draws a batch of TRAIN prompt records (task first, uniformly, then a record of that
+task), renders a fresh random scene for each (:func:`~dgpo_lightning.world.scene.render_prompt`) and
+takes one AdamW step on the rectified-flow (flow-matching) loss
+
+    L = E_{x0, ε, t} ‖v_θ(x_t, t, c) − (ε − x0)‖²,   x_t = (1 − t) x0 + t ε,   t ~ U[0, 1],
+
+with the caption replaced by the empty prompt with probability ``caption_dropout`` (for CFG). The
+UNet and the text encoder train jointly. An exponential moving average of the weights is kept and
+is what gets saved (``DIR`` via :func:`~dgpo_lightning.world.backbone.save_backbone`), together with
+``pretrain.json`` (arguments, steps, time, evaluation history). Periodically the EMA model is
+evaluated on the held-out TEST prompts with a 10-step DPM-Solver++ ODE.
+
+Held-out prompts are never trained on: the training records come from ``prompts/train.jsonl``,
+whose class/colour/count/relation combinations exclude the test split's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dgpo_lightning.world.backbone import build_backbone, save_backbone
+from dgpo_lightning.world.scene import load_prompts, prompt_file, render_prompt
+
+
+class TaskBalancedPrompts:
+    """Draws prompt records: a task uniformly over the tasks present, then a record of that task."""
+
+    def __init__(self, records: Sequence[dict], generator: torch.Generator):
+        self.by_task: dict[str, list[dict]] = {}
+        for record in records:
+            self.by_task.setdefault(record["tag"], []).append(record)
+        self.tasks = sorted(self.by_task)
+        self.generator = generator
+
+    def draw(self, count: int) -> list[dict]:
+        tasks = torch.randint(len(self.tasks), (count,), generator=self.generator).tolist()
+        out = []
+        for task in tasks:
+            pool = self.by_task[self.tasks[task]]
+            out.append(pool[int(torch.randint(len(pool), (1,), generator=self.generator))])
+        return out
+
+
+def render_batch(records: Sequence[dict], generator: torch.Generator) -> torch.Tensor:
+    """Fresh random scenes ``[B, 3, 32, 32]`` in ``[0, 1]`` for ``records``."""
+    return torch.stack([render_prompt(record, generator) for record in records])
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``θ_ema ← decay · θ_ema + (1 − decay) · θ`` over all parameters (buffers copied)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def flow_matching_loss(backbone, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """Mean ``‖v_θ(x_t, t, c) − (ε − x0)‖²`` with ``t ~ U[0, 1]``, ``x0 = encode(images)``."""
+    x0 = backbone.encode(images)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.rand(x0.shape[0], generator=generator)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    v = backbone.velocity(x_t, t, backbone.encode_prompts(prompts))
+    return (v - (noise - x0)).pow(2).mean()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dgpo_lightning.world.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory of the EMA checkpoint")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default: no limit)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: until --minutes; 2000 if neither)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
+    parser.add_argument("--down", default="DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D", help="UNet down block types")
+    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--no-mid-block", action="store_true", help="drop the UNet's cross-attention mid block")
+    parser.add_argument("--patch-size", type=int, default=2, help="pixel-unshuffle factor in front of the UNet")
+    parser.add_argument("--text-dim", type=int, default=64)
+    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="default CFG scale stored in the checkpoint")
+    parser.add_argument("--shift", type=float, default=3.0, help="recommended schedule shift stored in the checkpoint")
+    parser.add_argument("--eval-minutes", type=float, default=3.0, help="held-out evaluation/save cadence")
+    parser.add_argument("--eval-images", type=int, default=1, help="images per held-out prompt in the periodic evaluation")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine OpenMP oversubscription slows 2 threads down many-fold)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def build_from_args(args: argparse.Namespace):
+    channels = tuple(int(c) for c in args.channels.split(","))
+    down = tuple(args.down.split(","))
+    if len(down) != len(channels):
+        raise SystemExit(f"--down has {len(down)} blocks but --channels {len(channels)}")
+    up = tuple(reversed([name.replace("Down", "Up") for name in down]))
+    unet = {
+        "block_out_channels": channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "layers_per_block": args.layers_per_block,
+    }
+    if args.no_mid_block:
+        unet["mid_block_type"] = None
+    heads = max(1, args.text_dim // 16)
+    return build_backbone(
+        unet=unet,
+        text_encoder={"hidden_dim": args.text_dim, "num_layers": args.text_layers, "num_heads": heads},
+        guidance_scale=args.guidance_scale,
+        shift=args.shift,
+        patch_size=args.patch_size,
+    )
+
+
+def heldout_eval(model, images_per_prompt: int, seed: int, guidance_scales: Sequence[float]) -> dict[str, Any]:
+    from dgpo_lightning.evaluate import evaluate_backbone
+
+    records = load_prompts(prompt_file("test"))
+    model.eval()
+    out = {}
+    for scale in guidance_scales:
+        out[f"cfg{scale:g}"] = evaluate_backbone(
+            model, records, images_per_prompt=images_per_prompt, seed=seed, guidance_scale=scale, progress=False
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_steps = args.steps if args.steps is not None else (None if args.minutes else 2000)
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
+
+    model = build_from_args(args)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_unet = sum(p.numel() for p in model.denoiser.parameters())
+    n_text = sum(p.numel() for p in model.text_encoder.parameters())
+    print(f"UNet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.3f}M params; threads {torch.get_num_threads()}")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
+    generator = torch.Generator().manual_seed(args.seed)
+    prompts = TaskBalancedPrompts(load_prompts(prompt_file("train")), generator)
+    history: list[dict[str, Any]] = []
+    start = time.monotonic()
+    next_eval = start + 60 * args.eval_minutes
+    step, loss_avg = 0, None
+
+    def checkpoint(final: bool = False) -> None:
+        scales = sorted({1.0, args.guidance_scale, 2.0, 3.0}) if final else sorted({1.0, args.guidance_scale})
+        result = heldout_eval(ema, args.eval_images, seed=1234, guidance_scales=scales)
+        entry = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss_avg, "heldout": result}
+        history.append(entry)
+        text = "  ".join(f"{k}: overall {v['overall']:.3f}" for k, v in result.items())
+        detail = "  ".join(f"{k}={v:.2f}" for k, v in result[f"cfg{args.guidance_scale:g}"].items() if k != "overall")
+        print(f"\n[step {step}, {entry['minutes']:.1f} min, loss {loss_avg:.4f}] held-out {text}\n    {detail}", flush=True)
+        save_backbone(ema, out)
+        info = {"args": vars(args), "steps": step, "minutes": entry["minutes"], "history": history}
+        (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    progress = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_steps, unit="step", mininterval=5.0)
+    while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
+        records = prompts.draw(args.batch_size)
+        texts = [r["prompt"] if float(torch.rand((), generator=generator)) >= args.caption_dropout else "" for r in records]
+        images = render_batch(records, generator)
+        loss = flow_matching_loss(model, images, texts, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema_update(ema, model, args.ema)
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+        if time.monotonic() >= next_eval:
+            checkpoint()
+            model.train()
+            next_eval = time.monotonic() + 60 * args.eval_minutes
+    if progress is not None:
+        progress.close()
+    checkpoint(final=True)
+    print(f"done: {step} steps in {(time.monotonic() - start) / 60:.1f} min; EMA checkpoint in {out}")
+
+
+if __name__ == "__main__":
+    main()
