@@ -21,7 +21,15 @@ TRAINER_DEFAULTS = {
 
 
 class DGPOCLI(LightningCLI):
-    """LightningCLI over :class:`DGPOModule` and :class:`RolloutDataModule`."""
+    """LightningCLI over :class:`DGPOModule` and :class:`RolloutDataModule`.
+
+    ``fit`` defaults to ``--ckpt_path last``: re-running a killed command resumes from the run's
+    ``last.ckpt`` (Lightning writes checkpoints atomically); with no checkpoint it starts fresh.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        if "ckpt_path" in parser.get_defaults():
+            parser.set_defaults({"ckpt_path": "last"})
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)

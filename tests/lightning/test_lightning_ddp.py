@@ -27,5 +27,9 @@ def test_ddp_two_ranks_equal_one_rank_with_all_groups(tmp_path, tiny_world_path)
     single = _run(tiny_world_path, tmp_path / "single.pt", 1)
     ddp = _run(tiny_world_path, tmp_path / "ddp.pt", 2)
     assert single["grad"].abs().max() > 0
-    torch.testing.assert_close(ddp["grad"], single["grad"], rtol=1e-4, atol=1e-7)
+    # Summation order differs between one process and the gloo all-reduce: float32 tolerance
+    # relative to the gradient's scale.
+    scale = single["grad"].abs().max().item()
+    torch.testing.assert_close(ddp["grad"], single["grad"], rtol=1e-4, atol=1e-5 * scale)
+    assert (ddp["grad"] - single["grad"]).norm() < 1e-5 * single["grad"].norm()
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)

@@ -135,8 +135,9 @@ def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, detached
     loss_full, grad_full, _, _ = _gradient(tiny_world_path, _batch, algorithm, **kwargs)
     loss_micro, grad_micro, _, _ = _gradient(tiny_world_path, _batch, algorithm, micro_batch_size=micro_batch_size, **kwargs)
     torch.testing.assert_close(loss_micro, loss_full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_micro, grad_full, rtol=1e-4, atol=1e-6)
-    assert grad_full.abs().max() > 0
+    scale = grad_full.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(grad_micro, grad_full, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path, detached_trainer):
