@@ -34,6 +34,10 @@ from dgpo_lightning.world.backbone import build_backbone, save_backbone
 from dgpo_lightning.world.scene import load_prompts, prompt_file, render_prompt
 
 
+#: Full training state (online weights, EMA, optimizer) written next to the EMA checkpoint for --resume.
+TRAIN_STATE = "train_state.pt"
+
+
 class TaskBalancedPrompts:
     """Draws prompt records: a task uniformly over the tasks present, then a record of that task."""
 
@@ -101,6 +105,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-minutes", type=float, default=3.0, help="held-out evaluation/save cadence")
     parser.add_argument("--eval-images", type=int, default=1, help="images per held-out prompt in the periodic evaluation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine OpenMP oversubscription slows 2 threads down many-fold)")
+    parser.add_argument("--init", default=None, help="start from the weights of this world checkpoint (fresh optimizer)")
+    parser.add_argument(
+        "--resume", action="store_true", help=f"continue from DIR/{TRAIN_STATE} (weights, EMA, optimizer, step count)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -153,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
 
     model = build_from_args(args)
+    if args.init:
+        from dgpo_lightning.world.backbone import load_backbone
+
+        model.load_state_dict(load_backbone(args.init).state_dict())
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_unet = sum(p.numel() for p in model.denoiser.parameters())
@@ -166,18 +178,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     history: list[dict[str, Any]] = []
     start = time.monotonic()
     next_eval = start + 60 * args.eval_minutes
-    step, loss_avg = 0, None
+    step, loss_avg, minutes_before = 0, None, 0.0
+    if args.resume and (out / TRAIN_STATE).is_file():
+        state = torch.load(out / TRAIN_STATE, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step, loss_avg, history, minutes_before = state["step"], state["loss"], state["history"], state["minutes"]
+        print(f"resumed from step {step} ({minutes_before:.1f} min)")
 
     def checkpoint(final: bool = False) -> None:
         scales = sorted({1.0, args.guidance_scale, 2.0, 3.0}) if final else sorted({1.0, args.guidance_scale})
         result = heldout_eval(ema, args.eval_images, seed=1234, guidance_scales=scales)
-        entry = {"step": step, "minutes": (time.monotonic() - start) / 60, "loss": loss_avg, "heldout": result}
+        minutes = minutes_before + (time.monotonic() - start) / 60
+        entry = {"step": step, "minutes": minutes, "loss": loss_avg, "heldout": result}
         history.append(entry)
         text = "  ".join(f"{k}: overall {v['overall']:.3f}" for k, v in result.items())
         detail = "  ".join(f"{k}={v:.2f}" for k, v in result[f"cfg{args.guidance_scale:g}"].items() if k != "overall")
         print(f"\n[step {step}, {entry['minutes']:.1f} min, loss {loss_avg:.4f}] held-out {text}\n    {detail}", flush=True)
         save_backbone(ema, out)
-        info = {"args": vars(args), "steps": step, "minutes": entry["minutes"], "history": history}
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "loss": loss_avg,
+            "history": history,
+            "minutes": minutes,
+        }
+        torch.save(state, out / TRAIN_STATE)
+        info = {"args": vars(args), "steps": step, "minutes": minutes, "history": history}
         (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     progress = None
@@ -195,8 +229,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        ema_update(ema, model, args.ema)
         step += 1
+        # Warm-up of the EMA decay (as diffusers' EMAModel): early averages do not drag the random init along.
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if progress is not None:
             progress.update(1)
@@ -208,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if progress is not None:
         progress.close()
     checkpoint(final=True)
-    print(f"done: {step} steps in {(time.monotonic() - start) / 60:.1f} min; EMA checkpoint in {out}")
+    print(f"done: {step} steps in {history[-1]['minutes']:.1f} min; EMA checkpoint in {out}")
 
 
 if __name__ == "__main__":
