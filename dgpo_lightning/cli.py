@@ -23,13 +23,14 @@ TRAINER_DEFAULTS = {
 class DGPOCLI(LightningCLI):
     """LightningCLI over :class:`DGPOModule` and :class:`RolloutDataModule`.
 
-    ``fit`` defaults to ``--ckpt_path last``: re-running a killed command resumes from the run's
-    ``last.ckpt`` (Lightning writes checkpoints atomically); with no checkpoint it starts fresh.
+    ``fit`` without ``--ckpt_path`` resumes from the run's ``last.ckpt`` when there is one
+    (Lightning writes checkpoints atomically), so re-running a killed command continues it; use a
+    new ``trainer.default_root_dir`` to start over.
     """
 
-    def add_arguments_to_parser(self, parser) -> None:
-        if "ckpt_path" in parser.get_defaults():
-            parser.set_defaults({"ckpt_path": "last"})
+    def before_fit(self) -> None:
+        if self.config_init["fit"].get("ckpt_path") is None:
+            self.config_init["fit"]["ckpt_path"] = "last"
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)

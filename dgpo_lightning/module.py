@@ -129,6 +129,10 @@ class DGPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.backbone: nn.Module | None = None
         self.reference_denoiser: nn.Module | None = None
+        # Checkpoints hold only what training changes (frozen weights are reloaded from model_path);
+        # see on_save_checkpoint.
+        self.strict_loading = False
+        self._frozen_weights_changed = False
 
     # ------------------------------------------------------------------ model construction
 
@@ -447,6 +451,7 @@ class DGPOModule(L.LightningModule):
 
         Full fine-tuning copies the weights; with LoRA the adapter is folded into the base weights
         and zeroed, which leaves the online model unchanged and moves the reference to it."""
+        self._frozen_weights_changed = True
         if self.reference_denoiser is not None:
             with torch.no_grad():
                 for ref, online in zip(self.reference_denoiser.parameters(), self.backbone.denoiser.parameters()):
@@ -455,6 +460,35 @@ class DGPOModule(L.LightningModule):
             from dgpo_lightning.models.lora import fold_lora
 
             fold_lora(self.backbone.denoiser)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen weights that ``configure_model`` reloads from ``model_path`` anyway.
+
+        A Lightning checkpoint of SD3.5-M with LoRA would otherwise carry the whole pipeline (T5-XXL
+        included) every epoch. Kept: trainable weights, metric states, the reference when it moves
+        (``reference="ema"``), and everything once a reference switch has changed frozen weights.
+        """
+        checkpoint["frozen_weights_changed"] = self._frozen_weights_changed
+        if self._frozen_weights_changed or self.backbone is None:
+            return
+        frozen = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if not p.requires_grad}
+        if self.hparams.reference != "ema":
+            frozen |= {f"reference_denoiser.{name}" for name, _ in (self.reference_denoiser or nn.Module()).named_parameters()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        self._frozen_weights_changed = bool(checkpoint.get("frozen_weights_changed", False))
+        own = self.state_dict()
+        missing_trainable = [
+            f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad and f"backbone.{n}" not in checkpoint["state_dict"]
+        ]
+        unexpected = [k for k in checkpoint["state_dict"] if k not in own]
+        if missing_trainable or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not match this model: missing trained weights {missing_trainable[:5]}, "
+                f"unexpected keys {unexpected[:5]} (same model.backbone/finetune/lora settings?)"
+            )
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
