@@ -1,8 +1,9 @@
 """Run one DGPO optimizer step on fixed groups and save the gradient (used by test_lightning_ddp.py).
 
-    python ddp_equivalence_script.py WORLD_PATH OUT.pt DEVICES
+    python ddp_equivalence_script.py WORLD_PATH OUT.pt DEVICES [ddp|fsdp] [full|lora]
 
 With DEVICES=2 each rank holds half of the groups; with 1 the single process holds all of them.
+``fsdp`` shards the denoiser with FSDP2 through Lightning's ModelParallelStrategy.
 """
 
 import sys
@@ -47,20 +48,31 @@ class SaveGradient(L.Callback):
         self.out = out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grad = torch.cat([p.grad.flatten() for p in pl_module.trainable_parameters()])
-        loss = trainer.callback_metrics.get("train/loss")
+        # FSDP2 grads are sharded DTensors: gather them (a collective, so on every rank).
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in pl_module.trainable_parameters()]
+        grad = torch.cat([g.flatten() for g in grads])
         if trainer.is_global_zero:
             torch.save({"grad": grad}, self.out)
 
 
 if __name__ == "__main__":
     world_path, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    parallel = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+    finetune = sys.argv[5] if len(sys.argv) > 5 else "full"
     torch.manual_seed(0)
-    module = DGPOModule(model_path=world_path, beta=40.0, kl_beta=0.05, timesteps_per_sample=2, grad_clip=None)
+    module = DGPOModule(
+        model_path=world_path, beta=40.0, kl_beta=0.05, timesteps_per_sample=2, grad_clip=None, finetune=finetune, lora_rank=4
+    )
+    if devices == 1:
+        strategy = "auto"
+    elif parallel == "fsdp":
+        strategy = L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy,
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
