@@ -88,46 +88,63 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = world_model(args.model, args.device, args.guidance_scale) or fallback_unet(args.device)
     make_velocity, shape, what = model
-    velocity_fn = make_velocity(args.batch_size)
+    model_fn = make_velocity(args.batch_size)
+    model_seconds = [0.0]
+    cuda = args.device.startswith("cuda")
+
+    def velocity_fn(x, t):
+        # time the model calls so the sampler's own overhead (total − model) is reported too
+        start = time.perf_counter()
+        v = model_fn(x, t)
+        if cuda:
+            torch.cuda.synchronize()
+        model_seconds[0] += time.perf_counter() - start
+        return v
     sigmas = flow_sigmas(args.steps, shift=3.0, device=args.device)
     seeds = list(range(args.batch_size))
 
-    def rollout(name: str) -> float:
-        x = initial_noise(shape, seeds, device=args.device)
+    def rollout(name: str) -> tuple[float, float]:
+        """``(seconds, seconds outside the model)`` of one rollout, initial noise included."""
         kwargs = {"noise_seeds": [s + 1_000_003 for s in seeds]} if name == "sde" else {}
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
+        model_seconds[0] = 0.0
         start = time.perf_counter()
+        x = initial_noise(shape, seeds, device=args.device)
         get_sampler(name)(velocity_fn, x, sigmas, **kwargs)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        total = time.perf_counter() - start
+        return total, total - model_seconds[0]
 
     results = {}
     with torch.inference_mode():
         for name in args.samplers:
             rollout(name)  # warm-up
         # interleave the samplers so drifts in machine load hit all of them alike
-        times: dict[str, list[float]] = {name: [] for name in args.samplers}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in args.samplers}
         for _ in range(args.repeats):
             for name in args.samplers:
                 times[name].append(rollout(name))
     for name in args.samplers:
-        seconds = statistics.median(times[name])
+        seconds = statistics.median(t for t, _ in times[name])
+        overhead = statistics.median(o for _, o in times[name])
         results[name] = {
             "images_per_s": args.batch_size / seconds,
             "ms_per_step": 1000 * seconds / args.steps,
             "seconds_per_batch": seconds,
+            "sampler_overhead_ms": 1000 * overhead,
         }
 
     print(f"model: {what}")
     print(f"device: {args.device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, "
           f"{args.steps} steps (shift 3), median of {args.repeats}")
-    print(f"{'sampler':<10} {'images/s':>10} {'ms/step':>10} {'s/batch':>10} {'vs ode_euler':>13}")
+    print(f"{'sampler':<10} {'images/s':>10} {'ms/step':>10} {'s/batch':>10} {'vs ode_euler':>13} {'overhead ms':>12}")
     base = results.get("ode_euler", next(iter(results.values())))["images_per_s"]
     for name, r in results.items():
         print(f"{name:<10} {r['images_per_s']:>10.1f} {r['ms_per_step']:>10.2f} {r['seconds_per_batch']:>10.3f} "
-              f"{r['images_per_s'] / base:>12.2f}x")
+              f"{r['images_per_s'] / base:>12.2f}x {r['sampler_overhead_ms']:>12.1f}")
+    print("overhead = time outside the model calls per rollout (noise, sampler arithmetic, log-probs)")
     out = {"model": what, "device": args.device, "batch_size": args.batch_size, "steps": args.steps, "results": results}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
