@@ -55,8 +55,11 @@ def sample_latents(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     sample_fn = get_sampler(sampler)
     scale = default_guidance_scale(backbone) if guidance_scale is None else float(guidance_scale)
-    device = next(backbone.denoiser.parameters()).device
-    sigmas = flow_sigmas(num_steps, shift=shift, device=device)
+    # Sample in the denoiser's dtype: rollouts run outside Lightning's precision context (in the
+    # dataloader hook), where nothing else would cast the noise for a bf16 model.
+    parameter = next(backbone.denoiser.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    sigmas = flow_sigmas(num_steps, shift=shift, device=device, dtype=dtype)
     outputs: list[SampleOutput] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -67,7 +70,7 @@ def sample_latents(
         chunk_prompts = list(prompts[start : start + batch_size])
         chunk_seeds = list(seeds[start : start + batch_size])
         cond = backbone.encode_prompts(chunk_prompts)
-        x_init = initial_noise(backbone.latent_shape(), chunk_seeds, device=device)
+        x_init = initial_noise(backbone.latent_shape(), chunk_seeds, device=device, dtype=dtype)
 
         def velocity_fn(x: Tensor, t: Tensor, cond=cond) -> Tensor:
             return backbone.velocity(x, t, cond, guidance_scale=scale)

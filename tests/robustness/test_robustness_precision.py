@@ -99,15 +99,7 @@ def test_one_dgpo_step_in_bf16_on_fixed_batches(tmp_path, tiny_world_path, fixed
 @pytest.mark.parametrize(
     "precision",
     [
-        pytest.param(
-            "bf16-true",
-            marks=pytest.mark.xfail(
-                raises=RuntimeError,
-                strict=True,
-                reason="bug: the rollout in RolloutDataModule.train_dataloader runs outside Lightning's precision "
-                "context with fp32 noise while bf16-true has cast the UNet to bf16; WorldBackbone._unet does not "
-                "cast its inputs to the UNet's dtype (SD3Backbone does) -> 'mat1 and mat2 must have the same dtype'",
-            ),
+        "bf16-true",
         ),
         "bf16-mixed",
     ],
