@@ -100,7 +100,6 @@ def test_one_dgpo_step_in_bf16_on_fixed_batches(tmp_path, tiny_world_path, fixed
     "precision",
     [
         "bf16-true",
-        ),
         "bf16-mixed",
     ],
 )
