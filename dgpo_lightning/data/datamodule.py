@@ -50,8 +50,8 @@ class RolloutDataModule(L.LightningDataModule):
         prompts_per_rank: prompts per rollout on each rank.
         groups_per_batch: whole groups per training batch.
         passes_per_rollout: how many times each rollout batch is trained on (fresh timesteps each time).
-        sampler, num_steps, shift, guidance_scale, noise_level: rollout sampler (``guidance_scale=None``
-            takes the backbone's default; ``noise_level`` is the SDE's ``a``).
+        sampler, num_steps, shift, guidance_scale, noise_level: rollout sampler (``shift=None`` and
+            ``guidance_scale=None`` take the backbone's recommended values; ``noise_level`` is the SDE's ``a``).
         rewards: ``{name: weight}`` of registered rewards; ``reward_options``: ``{name: kwargs}``.
         advantage_std: normalise advantages by the ``group`` or ``global`` reward std.
         skip_zero_std_groups: do not train on groups whose rewards are all equal (zero advantages
@@ -78,7 +78,7 @@ class RolloutDataModule(L.LightningDataModule):
         passes_per_rollout: int = 1,
         sampler: SamplerName = "ode_dpm",
         num_steps: int = 10,
-        shift: float = 3.0,
+        shift: float | None = None,
         guidance_scale: float | None = None,
         noise_level: float = 0.7,
         rewards: dict[str, float] | None = None,
@@ -110,7 +110,7 @@ class RolloutDataModule(L.LightningDataModule):
         )
         _check(passes_per_rollout >= 1, "data.passes_per_rollout", passes_per_rollout, "must be >= 1")
         _check(num_steps >= 1, "data.num_steps", num_steps, "must be >= 1")
-        _check(shift > 0, "data.shift", shift, "must be > 0")
+        _check(shift is None or shift > 0, "data.shift", shift, "must be > 0 or null")
         _check(noise_level >= 0, "data.noise_level", noise_level, "must be >= 0")
         _check(bool(rewards), "data.rewards", rewards, "needs at least one reward")
         unknown = sorted(set(rewards) - set(available_rewards()))

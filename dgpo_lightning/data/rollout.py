@@ -25,6 +25,11 @@ def default_guidance_scale(backbone: Backbone) -> float:
     return float(getattr(backbone, "default_guidance_scale", 1.0))
 
 
+def default_shift(backbone: Backbone) -> float:
+    """The backbone's recommended schedule shift (SD3's 3.0 if it declares none)."""
+    return float(getattr(backbone, "shift", 3.0))
+
+
 @torch.no_grad()
 def sample_latents(
     backbone: Backbone,
@@ -33,7 +38,7 @@ def sample_latents(
     *,
     sampler: str = "ode_dpm",
     num_steps: int = 10,
-    shift: float = 3.0,
+    shift: float | None = None,
     guidance_scale: float | None = None,
     noise_level: float = 0.7,
     batch_size: int = 64,
@@ -59,6 +64,7 @@ def sample_latents(
     # dataloader hook), where nothing else would cast the noise for a bf16 model.
     parameter = next(backbone.denoiser.parameters())
     device, dtype = parameter.device, parameter.dtype
+    shift = default_shift(backbone) if shift is None else float(shift)
     sigmas = flow_sigmas(num_steps, shift=shift, device=device, dtype=dtype)
     outputs: list[SampleOutput] = []
     starts = range(0, len(prompts), batch_size)
@@ -220,7 +226,7 @@ def generate_groups(
     group_ids: Sequence[int] | None = None,
     sampler: str = "ode_dpm",
     num_steps: int = 10,
-    shift: float = 3.0,
+    shift: float | None = None,
     guidance_scale: float | None = None,
     noise_level: float = 0.7,
     advantage_std: str = "group",
@@ -292,7 +298,7 @@ def generate_groups(
         reward_components={name: values[index] for name, values in components.items()},
         advantages=advantages,
         group_index=group_index[index],
-        sigmas=flow_sigmas(num_steps, shift=shift),
+        sigmas=flow_sigmas(num_steps, shift=default_shift(backbone) if shift is None else float(shift)),
         trajectory=trajectory,
         log_probs=log_probs,
         guidance_scale=default_guidance_scale(backbone) if guidance_scale is None else float(guidance_scale),
@@ -305,6 +311,7 @@ def generate_groups(
 __all__ = [
     "Rollout",
     "default_guidance_scale",
+    "default_shift",
     "generate_groups",
     "sample_latents",
     "sample_seeds",
