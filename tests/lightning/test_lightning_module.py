@@ -178,3 +178,21 @@ def test_resume_continues_with_identical_state(tmp_path, tiny_world_path):
     for key in state_a:
         torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"])
         torch.testing.assert_close(state_b[key]["exp_avg_sq"], state_a[key]["exp_avg_sq"])
+
+
+def test_weight_ema_for_evaluation_and_export(tmp_path, tiny_world_path):
+    """Lightning's EMAWeightAveraging composes with the module: the exported model is the EMA."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from dgpo_lightning.callbacks import ExportTrained
+    from dgpo_lightning.world.backbone import load_backbone
+
+    module = DGPOModule(model_path=str(tiny_world_path), lr=1e-2)
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[ema, ExportTrained(str(tmp_path / "final"))])
+    initial = flat(load_backbone(tiny_world_path).denoiser.parameters())
+    trainer.fit(module, make_data())
+    averaged = flat(ema._average_model.module.backbone.denoiser.parameters())
+    exported = flat(load_backbone(tmp_path / "final").denoiser.parameters())
+    assert not torch.equal(averaged, initial)
+    torch.testing.assert_close(exported, averaged, rtol=0, atol=0)
