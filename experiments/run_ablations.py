@@ -73,8 +73,10 @@ def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float,
     ]
     print(f"[run] {suite}/{name} seed {seed} ({minutes} min)", flush=True)
     start = time.perf_counter()
+    # One thread per run: runs go side by side (--jobs) instead of sharing cores inside one run.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with (directory / "log.txt").open("w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise SystemExit(f"{suite}/{name} seed {seed} failed (exit {code}); see {directory / 'log.txt'}")
     (directory / "done").write_text(f"{time.perf_counter() - start:.0f} s\n")
@@ -189,17 +191,25 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget per run")
     parser.add_argument("--eval-every", type=int, default=3, help="rollout epochs between evaluations")
     parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one CPU thread each)")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     base = base_row(args.out)
+    if not args.summarize_only:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Seeds outermost: a suite cut short still has one complete seed of every run.
+        todo = [(suite, name, configs, seed) for seed in args.seeds for suite in suites for name, configs in SUITES[suite]]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(launch, *job, args.minutes, args.out, args.eval_every) for job in todo]
+            for future in futures:
+                future.result()
     for suite in suites:
         runs: dict[str, list[list[dict[str, float]]]] = {}
         for name, configs in SUITES[suite]:
             for seed in args.seeds:
                 directory = run_dir(args.out, suite, name, seed)
-                if not args.summarize_only:
-                    directory = launch(suite, name, configs, seed, args.minutes, args.out, args.eval_every)
                 if (directory / "done").exists():
                     runs.setdefault(name, []).append([base] + read_history(directory))
         if runs:
