@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from dgpo_lightning.cli import DGPOCLI
 
     out = Path(args.out)
-    seconds = int(args.minutes * 60)
+    safety = int(args.minutes * 2 * 60)  # hard stop; the budget itself is checked at evaluations
     cli = DGPOCLI(
         args=[
             "--config", args.config,
             f"--trainer.default_root_dir={out}",
-            f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
+            f"--trainer.max_time=00:00:{safety // 60:02d}:{safety % 60:02d}",
             f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.callbacks.init_args.max_training_minutes={args.minutes}",
             *overrides,
         ],
         run=False,

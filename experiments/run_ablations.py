@@ -64,12 +64,16 @@ def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float,
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.default_root_dir={directory}",
         f"--trainer.logger.init_args.save_dir={directory}",
-        f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
+        # The budget is training time (evaluation excluded), checked at each evaluation; max_time
+        # is only a safety net.
+        f"--trainer.callbacks.init_args.max_training_minutes={minutes}",
+        f"--trainer.max_time=00:00:{2 * seconds // 60:02d}:00",
         "--trainer.max_epochs=100000",
         f"--trainer.check_val_every_n_epoch={eval_every}",
         "--trainer.enable_progress_bar=false",
         "--data.progress=false",
         "--data.eval_rewards=[geneval, sharpness]",
+        "--data.eval_images_per_prompt=2",
     ]
     print(f"[run] {suite}/{name} seed {seed} ({minutes} min)", flush=True)
     start = time.perf_counter()

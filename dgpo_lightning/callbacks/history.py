@@ -21,11 +21,14 @@ class ScoreHistory(L.Callback):
     Args:
         metric: key of the headline score (default ``eval/geneval``).
         dirpath: where to write (default: the logger's run directory).
+        max_training_minutes: stop training at the first evaluation after this much training time
+            (evaluation excluded), so a time-budgeted run always ends with a measured score.
     """
 
-    def __init__(self, metric: str = "eval/geneval", dirpath: str | None = None):
+    def __init__(self, metric: str = "eval/geneval", dirpath: str | None = None, max_training_minutes: float | None = None):
         self.metric = metric
         self.dirpath = dirpath
+        self.max_training_minutes = max_training_minutes
         self.rows: list[dict[str, float]] = []
         self._offset = 0.0
         self._fit_start: float | None = None
@@ -73,6 +76,8 @@ class ScoreHistory(L.Callback):
         }
         self.rows.append(row)
         self._write(trainer)
+        if self.max_training_minutes is not None and row["seconds"] >= 60 * self.max_training_minutes:
+            trainer.should_stop = True
 
     @rank_zero_only
     def _write(self, trainer) -> None:

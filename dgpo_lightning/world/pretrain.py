@@ -90,6 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    parser.add_argument("--decay-steps", type=int, default=0, help="with --steps: decay the lr linearly to 10%% over the last N steps")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
@@ -172,7 +173,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"UNet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.3f}M params; threads {torch.get_num_threads()}")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
+    def lr_factor(step: int) -> float:
+        # Linear warm-up; with --steps and --decay-steps, a linear decay to 10% over the last steps.
+        factor = min(1.0, (step + 1) / max(1, args.warmup))
+        if max_steps is not None and args.decay_steps:
+            factor *= min(1.0, max(0.1, (max_steps - step) / args.decay_steps))
+        return factor
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = TaskBalancedPrompts(load_prompts(prompt_file("train")), generator)
     history: list[dict[str, Any]] = []
