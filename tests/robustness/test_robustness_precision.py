@@ -113,3 +113,54 @@ def test_one_dgpo_step_in_bf16_through_the_rollout_datamodule(tmp_path, tiny_wor
     assert run.global_step == 1
     assert torch.isfinite(run.callback_metrics["train/loss"])
     assert torch.isfinite(data.last_rollout.rewards).all()
+
+
+class _Strategy:  # one process: no block_backward_sync
+    pass
+
+
+class _Trainer:
+    strategy = _Strategy()
+    global_step = 0
+    current_epoch = 0
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_path(tmp_path_factory):
+    from dgpo_lightning.models.testing import build_tiny_sd3
+
+    path = tmp_path_factory.mktemp("tiny_sd3") / "sd3"
+    build_tiny_sd3(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (since 'rollouts sample in the denoiser's dtype'): sample_latents runs the sampler state, "
+    "and so the SDE's stored trajectory and log-probs, in bf16 when the denoiser is bf16; the training step "
+    "recomputes the log-probs in fp32, so Flow-GRPO's ratio is off by ~1e-3 at the first, on-policy step and "
+    "clip_range=1e-4 clips every sample. Fix: keep noise/sigmas fp32 in sample_latents and cast inside "
+    "WorldBackbone._unet to the UNet's dtype (x_t, prompt embeds, mask), returning x_t.dtype, as SD3Backbone._forward does",
+)
+@pytest.mark.parametrize("backbone", ["world", "sd3"])
+def test_flow_grpo_first_step_is_on_policy_with_a_bf16_denoiser(tiny_world_path, tiny_sd3_path, backbone):
+    """Right after an SDE rollout the policy has not moved: every ratio is 1 and nothing is clipped,
+    also when the base model is bf16 (SD3.5-M is trained as a bf16 base with fp32 LoRA adapters)."""
+    if backbone == "world":
+        module = DGPOModule(model_path=str(tiny_world_path), algorithm="flow_grpo", clip_range=1e-4, timesteps_per_sample=4)
+        module.configure_model()
+        module.to(torch.bfloat16)
+    else:
+        module = DGPOModule(
+            backbone="sd3", model_path=str(tiny_sd3_path), backbone_options={"resolution": 32, "torch_dtype": "bfloat16"},
+            finetune="lora", lora_rank=4, algorithm="flow_grpo", clip_range=1e-4, timesteps_per_sample=2,
+        )
+        module.configure_model()
+    assert next(module.backbone.denoiser.parameters()).dtype == torch.bfloat16
+    module._trainer = _Trainer()
+    module.manual_backward = lambda loss: loss.backward()
+    reward = WeightedReward({"brightness": lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3))})
+    rollout = generate_groups(module.backbone, PROMPTS, 3, reward, seed=0, sampler="sde", keep_trajectory=True, num_steps=4)
+    _, logs = module._flow_grpo_step(rollout.batches(2)[0])
+    assert float(logs["clip_frac"]) == 0.0
+    assert abs(float(logs["ratio_mean"]) - 1.0) < 1e-5
