@@ -38,6 +38,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     require_cuda(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     result = run(args, args.device)
-    command = "python benchmarks/bench_sd3_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_sd3_gpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(result, command.strip())
     print(text)
     if args.out:

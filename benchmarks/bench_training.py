@@ -27,6 +27,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "notes": args.note,
         "environment": {
             "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_training.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
