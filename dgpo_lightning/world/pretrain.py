@@ -97,7 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
     parser.add_argument("--down", default="DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D", help="UNet down block types")
     parser.add_argument("--layers-per-block", type=int, default=1)
-    parser.add_argument("--no-mid-block", action="store_true", help="drop the UNet's cross-attention mid block")
+    parser.add_argument("--mid-block", action="store_true", help="add the UNet's cross-attention mid block")
+    parser.add_argument("--no-mid-block", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
     parser.add_argument("--patch-size", type=int, default=2, help="pixel-unshuffle factor in front of the UNet")
     parser.add_argument("--text-dim", type=int, default=64)
     parser.add_argument("--text-layers", type=int, default=2)
@@ -126,8 +127,7 @@ def build_from_args(args: argparse.Namespace):
         "up_block_types": up,
         "layers_per_block": args.layers_per_block,
     }
-    if args.no_mid_block:
-        unet["mid_block_type"] = None
+    unet["mid_block_type"] = "UNetMidBlock2DCrossAttn" if args.mid_block else None
     heads = max(1, args.text_dim // 16)
     return build_backbone(
         unet=unet,
