@@ -14,6 +14,9 @@ from dgpo_lightning.module import DGPOModule
 TRAINER_DEFAULTS = {
     # Rollouts are regenerated with the current policy at the start of every epoch.
     "reload_dataloaders_every_n_epochs": 1,
+    # no_grad rather than inference_mode for evaluation: tensors made while evaluating (metric
+    # states, prompt caches) are reused by training afterwards.
+    "inference_mode": False,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
     "default_root_dir": "runs",

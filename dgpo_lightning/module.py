@@ -531,6 +531,12 @@ class DGPOModule(L.LightningModule):
     # ------------------------------------------------------------------ held-out evaluation
 
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self._trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if self.hparams.algorithm == "flow_grpo" and precision in ("bf16-true", "16-true"):
+            raise ValueError(
+                f"trainer.precision={precision!r} rounds Flow-GRPO's stored trajectories to half precision, so "
+                "its first update is already off-policy and clipped; use bf16-mixed (or 32-true)"
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_reward_names") or hasattr(self, "eval_metrics"):
             return

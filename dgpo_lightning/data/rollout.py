@@ -60,12 +60,12 @@ def sample_latents(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     sample_fn = get_sampler(sampler)
     scale = default_guidance_scale(backbone) if guidance_scale is None else float(guidance_scale)
-    # Sample in the denoiser's dtype: rollouts run outside Lightning's precision context (in the
-    # dataloader hook), where nothing else would cast the noise for a bf16 model.
+    # The sampler state stays fp32 whatever the denoiser's dtype (backbones cast at the network's
+    # boundary): Flow-GRPO's stored transitions and log-probs must match their fp32 recomputation.
     parameter = next(backbone.denoiser.parameters())
     device, dtype = parameter.device, parameter.dtype
     shift = default_shift(backbone) if shift is None else float(shift)
-    sigmas = flow_sigmas(num_steps, shift=shift, device=device, dtype=dtype)
+    sigmas = flow_sigmas(num_steps, shift=shift, device=device)
     outputs: list[SampleOutput] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -76,10 +76,11 @@ def sample_latents(
         chunk_prompts = list(prompts[start : start + batch_size])
         chunk_seeds = list(seeds[start : start + batch_size])
         cond = backbone.encode_prompts(chunk_prompts)
-        x_init = initial_noise(backbone.latent_shape(), chunk_seeds, device=device, dtype=dtype)
+        x_init = initial_noise(backbone.latent_shape(), chunk_seeds, device=device)
 
         def velocity_fn(x: Tensor, t: Tensor, cond=cond) -> Tensor:
-            return backbone.velocity(x, t, cond, guidance_scale=scale)
+            # Network in its own dtype (e.g. bf16), sampler state in fp32.
+            return backbone.velocity(x.to(dtype), t.to(dtype), cond, guidance_scale=scale).to(x.dtype)
 
         kwargs: dict[str, Any] = {"return_trajectory": return_trajectory}
         if sampler == "sde":

@@ -134,14 +134,6 @@ def tiny_sd3_path(tmp_path_factory):
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (since 'rollouts sample in the denoiser's dtype'): sample_latents runs the sampler state, "
-    "and so the SDE's stored trajectory and log-probs, in bf16 when the denoiser is bf16; the training step "
-    "recomputes the log-probs in fp32, so Flow-GRPO's ratio is off by ~1e-3 at the first, on-policy step and "
-    "clip_range=1e-4 clips every sample. Fix: keep noise/sigmas fp32 in sample_latents and cast inside "
-    "WorldBackbone._unet to the UNet's dtype (x_t, prompt embeds, mask), returning x_t.dtype, as SD3Backbone._forward does",
-)
 @pytest.mark.parametrize("backbone", ["world", "sd3"])
 def test_flow_grpo_first_step_is_on_policy_with_a_bf16_denoiser(tiny_world_path, tiny_sd3_path, backbone):
     """Right after an SDE rollout the policy has not moved: every ratio is 1 and nothing is clipped,
@@ -166,14 +158,6 @@ def test_flow_grpo_first_step_is_on_policy_with_a_bf16_denoiser(tiny_world_path,
     assert abs(float(logs["ratio_mean"]) - 1.0) < 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with Trainer(precision='bf16-true') Lightning casts every float tensor of the batch to bf16, "
-    "so Flow-GRPO recomputes its log-probs on a bf16-rounded copy of the stored fp32 trajectory and clips every "
-    "sample at the first, on-policy step (clip_frac 1.0; bf16-mixed and 32-true give 0). Fix: reject "
-    "algorithm=flow_grpo with a *-true half precision at setup, naming trainer.precision (or keep the trajectory "
-    "out of the batch Lightning converts)",
-)
 def test_flow_grpo_under_bf16_true_is_on_policy_or_refused(tmp_path, tiny_world_path):
     module = DGPOModule(model_path=str(tiny_world_path), algorithm="flow_grpo", clip_range=1e-4, timesteps_per_sample=4)
     data = RolloutDataModule(
