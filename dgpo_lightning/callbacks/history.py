@@ -58,7 +58,9 @@ class ScoreHistory(L.Callback):
         end = self._fit_end if self._fit_end is not None else time.perf_counter()
         return self._offset + end - self._fit_start - self._eval_seconds
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+    # module's, which is where the evaluation results are computed.
+    def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         if self._eval_start is not None:

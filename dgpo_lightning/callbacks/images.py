@@ -20,7 +20,7 @@ class SampleGrid(L.Callback):
         self.max_images, self.columns = max_images, columns
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         examples = getattr(pl_module, "last_eval_examples", None)
         if not examples or trainer.sanity_checking:
             return

@@ -211,11 +211,15 @@ class RolloutDataModule(L.LightningDataModule):
         return sorted({str(r["tag"]) for r in self.eval_records if "tag" in r})
 
     def eval_items(self) -> list[dict[str, Any]]:
-        """One item per held-out image: the prompt record and its fixed seed."""
-        from dgpo_lightning.data.rollout import sample_seeds
+        """One item per held-out image: the prompt record and its fixed seed.
+
+        Image ``j`` of prompt ``i`` is seeded by ``(eval_seed, i, j)`` exactly as
+        ``python -m dgpo_lightning.evaluate --seed eval_seed`` does, so the two report the same numbers.
+        """
+        from dgpo_lightning.data.rollout import group_member_seeds
 
         n = self.hparams.eval_images_per_prompt
-        seeds = sample_seeds(self.hparams.eval_seed, len(self.eval_records) * n)
+        seeds = group_member_seeds(self.hparams.eval_seed, range(len(self.eval_records)), n)
         return [
             {"record": record, "seed": seeds[i * n + j]} for i, record in enumerate(self.eval_records) for j in range(n)
         ]
