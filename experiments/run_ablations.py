@@ -50,6 +50,9 @@ def run_dir(out: Path, suite: str, name: str, seed: int) -> Path:
     return out / "runs" / suite / safe / f"seed{seed}"
 
 
+EXTRA: list[str] = []  # --set overrides, appended to every run's command
+
+
 def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float, out: Path, eval_every: int) -> Path:
     directory = run_dir(out, suite, name, seed)
     if (directory / "done").exists():
@@ -74,6 +77,7 @@ def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float,
         "--data.progress=false",
         "--data.eval_rewards=[geneval, sharpness]",
         "--data.eval_images_per_prompt=2",
+        *EXTRA,
     ]
     print(f"[run] {suite}/{name} seed {seed} ({minutes} min)", flush=True)
     start = time.perf_counter()
@@ -103,6 +107,7 @@ def base_row(out: Path) -> dict[str, float]:
             sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
             f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}",
             "--trainer.enable_progress_bar=false", "--data.eval_rewards=[geneval, sharpness]",
+            "--data.eval_images_per_prompt=2", *EXTRA,
         ]
         with (directory / "log.txt").open("w") as log:
             if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
@@ -197,7 +202,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one CPU thread each)")
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra CLI override for every run, e.g. --set model.model_path=DIR")
     args = parser.parse_args()
+    EXTRA.extend(f"--{item}" for item in args.set)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     base = base_row(args.out)
     if not args.summarize_only:
