@@ -34,7 +34,7 @@ CELLS = [
         "    torch.manual_seed(0)\n"
         "    base_path = save_backbone(tiny_backbone(), RUN_DIR / 'base')\n"
         "    cli = DGPOCLI(args=['--config', '../experiments/base/world_dgpo.yaml', f'--model.model_path={base_path}',\n"
-        "                        '--model.lr=1e-3', '--data.group_size=4', '--data.prompts_per_rank=2', '--data.num_steps=3',\n"
+        "                        '--model.lr=1e-3', '--data.group_size=4', '--data.prompts_per_rank=2', '--data.groups_per_batch=2', '--data.num_steps=3',\n"
         "                        '--data.rewards={sharpness: 1.0}', '--data.eval_rewards=[geneval, sharpness]',\n"
         "                        '--data.eval_images_per_prompt=1', '--data.progress=false', '--trainer.max_epochs=2',\n"
         "                        '--trainer.check_val_every_n_epoch=1', '--trainer.enable_progress_bar=false',\n"

@@ -15,7 +15,7 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
     result = demo.main([
         "--minutes", "0.01", "--out", str(out), "--threads", "1",
         f"--model.model_path={tiny_world_path}", "--model.lr=1e-3",
-        "--data.group_size=3", "--data.prompts_per_rank=2", "--data.num_steps=2",
+        "--data.group_size=3", "--data.prompts_per_rank=2", "--data.groups_per_batch=2", "--data.num_steps=2",
         "--data.rewards={sharpness: 1.0}", "--data.eval_images_per_prompt=1", "--data.eval_num_steps=2",
         "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false", "--data.progress=false",
     ])

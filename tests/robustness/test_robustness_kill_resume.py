@@ -18,7 +18,7 @@ def command(world_path, root):
     return [
         sys.executable, "-m", "dgpo_lightning", "fit", "--config", str(BASE),
         f"--model.model_path={world_path}", "--model.lr=1e-3", "--model.finetune=full", "--model.reference=ema",
-        "--data.group_size=3", "--data.prompts_per_rank=2", "--data.num_steps=2", "--data.passes_per_rollout=2",
+        "--data.group_size=3", "--data.prompts_per_rank=2", "--data.groups_per_batch=2", "--data.num_steps=2", "--data.passes_per_rollout=2",
         "--data.rewards={sharpness: 1.0}", "--data.eval_prompts=null", "--data.progress=false",
         "--trainer.max_epochs=40", "--trainer.check_val_every_n_epoch=100", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
