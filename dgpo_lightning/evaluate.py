@@ -54,7 +54,6 @@ def generate_images(
     """
     from dgpo_lightning.data.rollout import sample_latents
 
-    shift = float(getattr(backbone, "shift", 3.0)) if shift is None else float(shift)
     output = sample_latents(
         backbone,
         list(prompts),
