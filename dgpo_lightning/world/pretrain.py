@@ -15,8 +15,8 @@ is what gets saved (``DIR`` via :func:`~dgpo_lightning.world.backbone.save_backb
 evaluated on the held-out TEST prompts with a 10-step DPM-Solver++ ODE.
 
 Run time: the shipped base is reproduced by ``--steps 6400 --decay-steps 2500`` in about 25 minutes on
-one CPU thread (≈ 0.23 s per batch-32 step; see ``checkpoints/base/MODEL_CARD.md``); shapes appear
-after ≈ 1500 steps and held-out scores pass 0.5 after ≈ 4000.
+one CPU thread (≈ 0.23 s per batch-32 step; see ``checkpoints/base/MODEL_CARD.md``); the detector
+starts accepting the drawn shapes after ≈ 2000 steps and held-out overall reaches ≈ 0.5 after 4000-5000.
 
 Held-out prompts are never trained on: the training records come from ``prompts/train.jsonl``,
 whose class/colour/count/relation combinations exclude the test split's.
