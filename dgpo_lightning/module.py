@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch

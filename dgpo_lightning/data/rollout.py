@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dgpo_lightning.algo import group_advantages
-from dgpo_lightning.models.backbone import Backbone, index_conditioning
+from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.rewards.base import WeightedReward
 from dgpo_lightning.sampling import SampleOutput, flow_sigmas, get_sampler, initial_noise
 

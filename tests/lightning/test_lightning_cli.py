@@ -8,7 +8,8 @@ from dgpo_lightning.cli import DGPOCLI
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 BASE = EXPERIMENTS / "base" / "world_dgpo.yaml"
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+# Configs only, not the resolved config.yaml files that experiment runs write under experiments/runs/.
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "runs" not in p.relative_to(EXPERIMENTS).parts)
 
 
 def parse(*args):

@@ -3,7 +3,6 @@ exact micro-batched gradients, resume."""
 
 from __future__ import annotations
 
-import copy
 
 import lightning as L
 import pytest

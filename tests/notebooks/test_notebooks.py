@@ -1,6 +1,5 @@
 """Every notebook executes headlessly (tiny mode: a tiny random model trained for two epochs)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -14,7 +14,6 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from dgpo_lightning.algo import group_advantages
 from dgpo_lightning.data.datamodule import RolloutDataModule
