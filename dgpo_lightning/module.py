@@ -412,12 +412,7 @@ class DGPOModule(L.LightningModule):
             return loss
 
         self._backward_chunks(self._sample_chunks(num_pairs), chunk_loss)
-        return torch.stack(losses).sum(), {
-            "dpo_sigmoid_weight": sum(w * s.sigmoid_weight for w, s, _ in stats_parts),
-            "reward_margin": sum(w * s.reward_margin for w, s, _ in stats_parts),
-            "reward_accuracy": sum(w * s.reward_accuracy for w, s, _ in stats_parts),
-            "kl": sum(w * kl for w, _, kl in stats_parts),
-        }
+        return torch.stack(losses).sum(), _chunk_weighted_stats(stats_parts, rename={"sigmoid_weight": "dpo_sigmoid_weight"})
 
     def _flow_grpo_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Flow-GRPO's clipped policy gradient on ``K`` stored SDE transitions per sample."""
@@ -463,12 +458,7 @@ class DGPOModule(L.LightningModule):
             return loss
 
         self._backward_chunks(self._sample_chunks(n), chunk_loss)
-        return torch.stack(losses).sum(), {
-            "clip_frac": sum(w * s.clip_frac for w, s, _ in stats_parts),
-            "approx_kl": sum(w * s.approx_kl for w, s, _ in stats_parts),
-            "ratio_mean": sum(w * s.ratio_mean for w, s, _ in stats_parts),
-            "kl": sum(w * kl for w, _, kl in stats_parts),
-        }
+        return torch.stack(losses).sum(), _chunk_weighted_stats(stats_parts)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hparams.reference == "ema" and self.reference_denoiser is not None:
@@ -614,6 +604,16 @@ class DGPOModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end()
+
+
+def _chunk_weighted_stats(parts, rename: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """Micro-batch diagnostics ``[(weight, stats NamedTuple, kl), ...]`` → their weighted sums."""
+    out: dict[str, Tensor] = {}
+    for weight, stats, kl in parts:
+        for key, value in {**stats._asdict(), "kl": kl}.items():
+            key = (rename or {}).get(key, key)
+            out[key] = out.get(key, 0) + weight * value
+    return out
 
 
 def _shard_units(model: nn.Module) -> list[nn.Module]:
