@@ -68,6 +68,9 @@ class DGPOModule(L.LightningModule):
             than fit in memory are split with exact gradients (see ``_dgpo_step``).
         gradient_checkpointing: recompute the denoiser's activations in backward (diffusers' own
             ``enable_gradient_checkpointing``): less memory for ~30% more compute.
+        offload_reference: full fine-tuning only: keep the frozen reference copy on the CPU and
+            move it to the accelerator just for its forward passes (saves a model's worth of
+            accelerator memory for two host-device copies of it per training step).
         seed: timesteps and noise of step ``s`` on rank ``r`` are drawn from ``(seed, s, r)``, so a
             resumed run repeats exactly what an uninterrupted one would do.
     """
@@ -99,6 +102,7 @@ class DGPOModule(L.LightningModule):
         grad_clip: float | None = 1.0,
         micro_batch_size: int | None = None,
         gradient_checkpointing: bool = False,
+        offload_reference: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -122,6 +126,12 @@ class DGPOModule(L.LightningModule):
             "model.reference",
             reference,
             "'ema' needs finetune=full (with LoRA the reference is the adapter-disabled base)",
+        )
+        _check(
+            not offload_reference or finetune == "full",
+            "model.offload_reference",
+            offload_reference,
+            "needs finetune=full (with LoRA the reference is the base weights the online model uses)",
         )
         _check(
             algorithm != "flow_grpo" or clip_range is not None, "model.clip_range", clip_range, "is required by flow_grpo"
@@ -186,6 +196,8 @@ class DGPOModule(L.LightningModule):
         data_parallel = mesh["data_parallel"]
         if data_parallel.size() == 1:
             return
+        if self.hparams.offload_reference:
+            raise ValueError("model.offload_reference: not supported with FSDP sharding (the reference copy is sharded instead)")
         from torch.distributed.fsdp import fully_shard
 
         for model in (self.backbone.denoiser, self.reference_denoiser):
@@ -215,11 +227,42 @@ class DGPOModule(L.LightningModule):
                     yield
             else:
                 online = self.backbone.denoiser
-                self.backbone.denoiser = self.reference_denoiser
-                try:
-                    yield
-                finally:
-                    self.backbone.denoiser = online
+                with self._reference_on_device():
+                    self.backbone.denoiser = self.reference_denoiser
+                    try:
+                        yield
+                    finally:
+                        self.backbone.denoiser = online
+
+    @contextmanager
+    def _reference_on_device(self) -> Iterator[None]:
+        """With ``offload_reference`` the frozen copy waits on the CPU and visits the online
+        denoiser's device only for the reference forward passes (and the EMA update)."""
+        if not self.hparams.offload_reference or self.reference_denoiser is None:
+            yield
+            return
+        self.reference_denoiser.to(next(self.backbone.denoiser.parameters()).device)
+        try:
+            yield
+        finally:
+            self.reference_denoiser.to("cpu")
+
+    def _offload_idle(self) -> None:
+        """Undo the Trainer's move of the whole module to the accelerator for offloaded parts."""
+        if self.hparams.offload_reference and self.reference_denoiser is not None:
+            self.reference_denoiser.to("cpu")
+        offload = getattr(self.backbone, "offload_idle", None)
+        if callable(offload):
+            offload()
+
+    def on_fit_start(self) -> None:
+        self._offload_idle()
+
+    def on_validation_start(self) -> None:
+        self._offload_idle()
+
+    def on_test_start(self) -> None:
+        self._offload_idle()
 
     # ------------------------------------------------------------------ training
 
@@ -462,7 +505,7 @@ class DGPOModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hparams.reference == "ema" and self.reference_denoiser is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self._reference_on_device():
                 online = [p.detach() for p in self.backbone.denoiser.parameters()]
                 reference = list(self.reference_denoiser.parameters())
                 torch._foreach_lerp_(reference, online, 1.0 - self.hparams.reference_decay)

@@ -49,6 +49,9 @@ class SD3Backbone(nn.Module):
             ``0`` disables the cache). Rollouts re-encode the same prompts for every group member and
             every epoch, and the empty prompt for CFG at every step.
         negative_prompt: the unconditional prompt of CFG.
+        offload_text_encoders: keep the text encoders (T5-XXL alone is ~9 GB in bf16) on the CPU
+            and move them to the denoiser's device only while they encode prompts that are not
+            cached. With the cache, that is the first rollout of each prompt.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class SD3Backbone(nn.Module):
         max_sequence_length: int = 256,
         prompt_cache_size: int = 1024,
         negative_prompt: str = "",
+        offload_text_encoders: bool = False,
     ):
         super().__init__()
         self.denoiser = pipe.transformer
@@ -70,6 +74,7 @@ class SD3Backbone(nn.Module):
         self.max_sequence_length = int(max_sequence_length)
         self.prompt_cache_size = int(prompt_cache_size)
         self.negative_prompt = negative_prompt
+        self.offload_text_encoders = bool(offload_text_encoders)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.patch_size = int(self.denoiser.config.patch_size)
         multiple = self.vae_scale_factor * self.patch_size
@@ -98,6 +103,7 @@ class SD3Backbone(nn.Module):
         device: torch.device | str | None = None,
         max_sequence_length: int = 256,
         prompt_cache_size: int = 1024,
+        offload_text_encoders: bool = False,
         **pipeline_kwargs: Any,
     ) -> "SD3Backbone":
         """Load a pipeline from a local directory or a hub id (resolved from the local cache when
@@ -124,9 +130,16 @@ class SD3Backbone(nn.Module):
                 "HF_HUB_OFFLINE"
             ) else ""
             raise OSError(f"could not load a StableDiffusion3Pipeline from {text!r}{offline}: {error}") from error
-        backbone = cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length, prompt_cache_size=prompt_cache_size)
+        backbone = cls(
+            pipe,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            prompt_cache_size=prompt_cache_size,
+            offload_text_encoders=offload_text_encoders,
+        )
         if device is not None:
             backbone.to(device)
+            backbone.offload_idle()
         return backbone
 
     @property
@@ -153,18 +166,32 @@ class SD3Backbone(nn.Module):
     def clear_prompt_cache(self) -> None:
         self._cache.clear()
 
+    def offload_idle(self) -> None:
+        """With ``offload_text_encoders``, put the text encoders back on the CPU (a no-op otherwise).
+
+        The Lightning module calls it after the Trainer has moved the whole module to the GPU."""
+        if self.offload_text_encoders:
+            self.text_encoders.to("cpu")
+
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        # Moved by hand rather than with accelerate's model-offload hooks: those move a model back
+        # only when the next hooked model runs, which would leave T5 on the GPU through training.
+        if self.offload_text_encoders:
+            self.text_encoders.to(self.device)
         encoder_device = next(self.text_encoders.parameters()).device if len(self.text_encoders) else self.device
-        prompt_embeds, _, pooled, _ = self._pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=encoder_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
+        try:
+            prompt_embeds, _, pooled, _ = self._pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=encoder_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+        finally:
+            self.offload_idle()
         return prompt_embeds, pooled
 
     @torch.no_grad()

@@ -156,6 +156,50 @@ def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path, deta
         assert t[groups == g].unique().numel() == 1
 
 
+def _record_moves(model):
+    """Replace ``model.to`` by a wrapper that records the target devices."""
+    moves, real_to = [], model.to
+    model.to = lambda device: moves.append(str(device)) or real_to(device)
+    return moves
+
+
+def test_offloaded_reference_gives_the_same_step_and_waits_on_the_cpu(tiny_world_path, detached_trainer):
+    loss, grad, _, _ = _gradient(tiny_world_path, _batch, finetune="full", kl_beta=0.1)
+
+    module = DGPOModule(model_path=str(tiny_world_path), finetune="full", kl_beta=0.1, grad_clip=None, offload_reference=True)
+    module.configure_model()
+    with torch.no_grad():  # the same perturbation as _gradient
+        generator = torch.Generator().manual_seed(7)
+        for p in module.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    module.manual_backward = lambda value: value.backward()
+    module._fake_trainer = type("T", (), {"strategy": _Strategy()})()
+    moves = _record_moves(module.reference_denoiser)
+    offloaded_loss, _ = module._dgpo_step(_batch(module))
+    torch.testing.assert_close(offloaded_loss, loss)
+    torch.testing.assert_close(flat(p.grad for p in module.trainable_parameters()), grad)
+    device = str(next(module.backbone.denoiser.parameters()).device)
+    assert moves == [device, "cpu"]  # one visit for the reference forward pass, then back
+    assert {p.device.type for p in module.reference_denoiser.parameters()} == {"cpu"}
+
+
+def test_offload_reference_needs_a_reference_copy(tiny_world_path):
+    with pytest.raises(ValueError, match=r"model\.offload_reference=True needs finetune=full"):
+        DGPOModule(model_path=str(tiny_world_path), finetune="lora", offload_reference=True)
+
+
+def test_offloaded_ema_reference_still_follows_the_online_weights(tmp_path, tiny_world_path):
+    module = DGPOModule(model_path=str(tiny_world_path), finetune="full", reference="ema", reference_decay=0.5, lr=1e-3, offload_reference=True)
+    module.configure_model()
+    before = flat(module.reference_denoiser.parameters())
+    make_trainer(tmp_path, fast_dev_run=True).fit(module, make_data())
+    after = flat(module.reference_denoiser.parameters())
+    online = flat(module.backbone.denoiser.parameters())
+    assert not torch.equal(before, after)
+    # one lerp halfway towards the online weights
+    torch.testing.assert_close(after, 0.5 * before + 0.5 * online, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_continues_with_identical_state(tmp_path, tiny_world_path):
     """4 epochs straight == 2 epochs, checkpoint, resume to 4: weights and optimizer state."""
 

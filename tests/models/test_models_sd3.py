@@ -87,6 +87,22 @@ def test_encode_prompts_matches_pipeline_and_uses_cache(shared, monkeypatch):
     assert not backbone._cache["three purple birds"][0].is_inference()
 
 
+def test_offloaded_text_encoders_visit_the_device_only_to_encode(shared):
+    pipe, plain = shared
+    expected = plain.encode_prompts(PROMPTS)
+    backbone = SD3Backbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
+    moves, real_to = [], backbone.text_encoders.to
+    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert moves == [str(backbone.device), "cpu"]
+    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
+    torch.testing.assert_close(cond["pooled_prompt_embeds"], expected["pooled_prompt_embeds"])
+    backbone.encode_prompts(PROMPTS[:2])  # cached: the encoders stay where they are
+    assert len(moves) == 2
+    backbone.offload_idle()
+    assert moves[-1] == "cpu" and {p.device.type for p in backbone.text_encoders.parameters()} == {"cpu"}
+
+
 def test_velocity_is_sd3_transformer_at_1000t(shared):
     pipe, backbone = shared
     cond = backbone.encode_prompts(PROMPTS)
