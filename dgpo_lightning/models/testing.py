@@ -243,3 +243,67 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, p
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+def save_tiny_mask2former(
+    directory: str | Path,
+    labels: Sequence[str] = ("cat", "dog", "mouse", "remote"),
+    seed: int = 0,
+    num_queries: int = 6,
+    shortest_edge: int = 64,
+    longest_edge: int = 96,
+) -> Path:
+    """Write a tiny random Mask2Former instance-segmentation checkpoint (Swin backbone, class names
+    ``labels``) and its image-processor config to ``directory`` (for the GenEval detector). Returns it.
+
+    The weights have ``Mask2FormerForUniversalSegmentation``'s parameter names; the model is built
+    through the detector's inference head, as that class's constructor needs scipy for its loss.
+    """
+    import json
+
+    from transformers import Mask2FormerConfig, Mask2FormerImageProcessorPil, SwinConfig
+
+    from dgpo_lightning.rewards.detectors import _instance_head_class
+
+    directory = Path(directory)
+    backbone = SwinConfig(
+        image_size=shortest_edge,
+        patch_size=4,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        drop_path_rate=0.0,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        feature_size=32,  # the pixel decoder's GroupNorm has 32 groups
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=32,
+        num_queries=num_queries,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    model = _instance_head_class()(config)
+    with torch.no_grad():  # away from the identity, so that tests see where each norm layer applies
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    config_file = directory / "config.json"  # label it as the transformers class whose weights it mirrors
+    saved = json.loads(config_file.read_text())
+    saved["architectures"] = ["Mask2FormerForUniversalSegmentation"]
+    config_file.write_text(json.dumps(saved, indent=2))
+    processor = Mask2FormerImageProcessorPil(
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge}, size_divisor=32
+    )
+    processor.save_pretrained(directory)
+    return directory

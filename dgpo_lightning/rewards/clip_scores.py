@@ -136,14 +136,25 @@ class ClipBackend(nn.Module):
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp().float()
 
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in ``[0, 1]`` → CLIP's normalised input pixels on the model's device."""
+        self.load(images.device)
+        device = next(self.model.parameters()).device
+        return clip_preprocess(images.to(device), self.processor.image_processor)
+
+    @torch.no_grad()
+    def pixel_embeddings(self, pixels: Tensor) -> Tensor:
+        """L2-normalised projected image embeddings ``[B, D]`` (float32) of already preprocessed pixels
+        (for callers that preprocess images of different sizes one by one, then batch them)."""
+        self.load(pixels.device)
+        device = next(self.model.parameters()).device
+        pooled = self.model.vision_model(pixel_values=pixels.to(device, self.dtype)).pooler_output
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
     @torch.no_grad()
     def image_embeddings(self, images: Tensor) -> Tensor:
         """L2-normalised projected image embeddings ``[B, D]`` (float32)."""
-        self.load(images.device)
-        device = next(self.model.parameters()).device
-        pixels = clip_preprocess(images.to(device), self.processor.image_processor).to(self.dtype)
-        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return self.pixel_embeddings(self.preprocess(images))
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str], device: torch.device) -> Tensor:

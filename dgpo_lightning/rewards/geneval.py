@@ -14,8 +14,10 @@ The rules follow the GenEval benchmark (djghosh13/geneval, ``evaluation/evaluate
 - a task score is the fraction of correct images; overall is the unweighted mean of task scores.
 
 The rules only see :class:`Detection` lists, so the embedded world's programmatic detector and a
-real one (e.g. mmdet Mask2Former boxes + a CLIP colour classifier) share them: pass any callable
-``images[B, 3, H, W] -> list[list[Detection]]`` as ``detector``.
+real one share them. ``detector`` is ``"world"``, a spec ``{"kind": "mask2former", "model_path": ...,
+"clip_path": ...}`` for real images (transformers Mask2Former instances + a CLIP colour classifier, as
+GenEval's mmdet pipeline; see :mod:`dgpo_lightning.rewards.detectors`), or any callable
+``images[B, 3, H, W] -> list[list[Detection]]``.
 """
 
 from __future__ import annotations
@@ -198,34 +200,56 @@ def _check_metadata(metadata: Any) -> None:
         )
 
 
-def resolve_detector(detector: str | Detector) -> Detector:
-    """A detector callable from a name (``"world"``: the embedded world's detector) or a callable."""
+#: ``kind`` values of a detector spec that build :class:`~dgpo_lightning.rewards.detectors.Mask2FormerClipDetector`.
+MASK2FORMER_KINDS = ("mask2former", "mask2former_clip")
+
+DetectorSpec = str | Mapping[str, Any] | Detector
+
+
+def resolve_detector(detector: DetectorSpec) -> Detector:
+    """A detector callable from its spec.
+
+    ``"world"``: the embedded world's programmatic detector. A mapping with ``kind: mask2former``:
+    a :class:`~dgpo_lightning.rewards.detectors.Mask2FormerClipDetector` built from the mapping's
+    other keys (``model_path``, ``clip_path``, ...; weights load on its first call). A callable:
+    returned as is.
+    """
     if callable(detector):
         return detector
     if detector == "world":
         from dgpo_lightning.world.detector import detect_batch
 
         return detect_batch
+    if isinstance(detector, Mapping) and detector.get("kind") in MASK2FORMER_KINDS:
+        from dgpo_lightning.rewards.detectors import Mask2FormerClipDetector
+
+        options = {key: value for key, value in detector.items() if key != "kind"}
+        try:
+            return Mask2FormerClipDetector(**options)
+        except TypeError as error:
+            raise ValueError(f"detector spec {dict(detector)!r}: {error}") from error
     raise ValueError(
-        f"unknown detector {detector!r}: the built-in one is 'world' (the embedded world's "
-        "programmatic detector); for real images pass a callable images[B, 3, H, W] -> "
-        "list[list[Detection]] (e.g. mmdet Mask2Former boxes with a CLIP colour classifier)"
+        f"unknown detector {detector!r}: use 'world' (the embedded world's programmatic detector), "
+        "{'kind': 'mask2former', 'model_path': <Mask2Former instance-segmentation directory>, "
+        "'clip_path': <CLIP directory>, ...} (real images: transformers Mask2Former with a CLIP colour "
+        "classifier, as GenEval), or a callable images[B, 3, H, W] -> list[list[Detection]]"
     )
 
 
 class GenEvalReward:
     """``reward(images, prompts, metadata) -> Tensor[B]``: GenEval's 0/1 verdict or its partial credit."""
 
-    def __init__(self, detector: str | Detector = "world", *, partial: bool = False):
+    def __init__(self, detector: DetectorSpec = "world", *, partial: bool = False):
         self._detector_spec = detector
         self._detector: Detector | None = None
         self.partial = partial
-        if not callable(detector) and detector != "world":
-            resolve_detector(detector)  # fail early on an unknown name
+        if not (isinstance(detector, str) and detector == "world"):
+            # Fails early on an unknown spec; real detectors load their weights on first call anyway.
+            self._detector = resolve_detector(detector)
 
     @property
     def detector(self) -> Detector:
-        if self._detector is None:  # resolved on first use: the world's modules load lazily
+        if self._detector is None:  # "world" is resolved on first use: its modules load lazily
             self._detector = resolve_detector(self._detector_spec)
         return self._detector
 
@@ -246,12 +270,12 @@ class GenEvalReward:
 
 
 @register("geneval")
-def geneval_reward(detector: str | Detector = "world") -> GenEvalReward:
+def geneval_reward(detector: DetectorSpec = "world") -> GenEvalReward:
     """GenEval's official 0/1 rule (extra objects are allowed outside the counting task)."""
     return GenEvalReward(detector, partial=False)
 
 
 @register("geneval_partial")
-def geneval_partial_reward(detector: str | Detector = "world") -> GenEvalReward:
+def geneval_partial_reward(detector: DetectorSpec = "world") -> GenEvalReward:
     """GenEval partial credit (see :func:`partial_credit`)."""
     return GenEvalReward(detector, partial=True)

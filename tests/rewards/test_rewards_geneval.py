@@ -245,8 +245,8 @@ def test_reward_errors():
         reward(images, ["a", "b"], [{"prompt": "a"}, {"prompt": "b"}])
     with pytest.raises(ValueError, match="2 images but 1 metadata"):
         reward(images, ["a", "b"], [SINGLE])
-    with pytest.raises(ValueError, match="pass a callable"):
-        build("geneval", detector="mask2former")
+    with pytest.raises(ValueError, match="'kind': 'mask2former'.*or a callable"):
+        build("geneval", detector="mask2former")  # a bare name is not a spec
 
 
 def test_default_detector_is_the_world_detector():
