@@ -26,14 +26,6 @@ DEFAULT_SAMPLER = "ode_dpm"
 DEFAULT_STEPS = 10
 
 
-def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
-    """Seed of image ``j`` of prompt ``i`` at index ``i * images_per_prompt + j``; a function of
-    ``(seed, i, j)`` only, so adding prompts to a file does not change the others' images."""
-    from dgpo_lightning.data.rollout import group_member_seeds
-
-    return group_member_seeds(seed, range(num_prompts), images_per_prompt)
-
-
 @torch.no_grad()
 def generate_images(
     backbone,
@@ -74,6 +66,7 @@ def evaluate_backbone(
     records: Sequence[Mapping[str, Any]],
     *,
     images_per_prompt: int = 4,
+    min_images_per_task: int = 0,
     seed: int = 0,
     sampler: str = DEFAULT_SAMPLER,
     num_steps: int = DEFAULT_STEPS,
@@ -89,6 +82,8 @@ def evaluate_backbone(
             world's detector can read).
         records: GenEval jsonl records; each is validated (unknown classes/colours raise).
         images_per_prompt: images sampled per prompt.
+        min_images_per_task: tasks with few prompts get more images per prompt, at least this many
+            per task (see :func:`~dgpo_lightning.data.rollout.evaluation_plan`).
         seed: evaluation seed; image ``j`` of prompt ``i`` uses a seed derived from ``(seed, i, j)``.
         sampler, num_steps, shift: sampler name (``ode_dpm``, ``ode_euler``, ``sde``), its steps and
             schedule shift (``None``: the backbone's recommended one).
@@ -99,23 +94,22 @@ def evaluate_backbone(
     Returns:
         ``{"overall": mean of the task scores, <tag>: accuracy per task present}``.
     """
+    from dgpo_lightning.data.rollout import evaluation_plan
     from dgpo_lightning.rewards.geneval import image_correct, summarize
     from dgpo_lightning.world.detector import detect_batch
 
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     records = list(records)
     if not records:
         raise ValueError("no prompts to evaluate")
     for index, record in enumerate(records):
         validate_metadata(record, where=f"prompt {index}")
     _warn_unknown_words(backbone, [r["prompt"] for r in records])
-    prompts = [r["prompt"] for r in records for _ in range(images_per_prompt)]
-    seeds = image_seeds(seed, len(records), images_per_prompt)
+    plan = evaluation_plan(records, seed, images_per_prompt, min_images_per_task)
+    metadata = [records[index] for index, _ in plan]
     images = generate_images(
         backbone,
-        prompts,
-        seeds,
+        [record["prompt"] for record in metadata],
+        [image_seed for _, image_seed in plan],
         sampler=sampler,
         num_steps=num_steps,
         shift=shift,
@@ -124,7 +118,6 @@ def evaluate_backbone(
         progress=progress,
     )
     detections = detect_batch(images)
-    metadata = [r for r in records for _ in range(images_per_prompt)]
     correct = [image_correct(m, d) for m, d in zip(metadata, detections)]
     summary = summarize([m["tag"] for m in metadata], correct)
     ordered = {"overall": summary["overall"]}
@@ -160,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prompts", required=True, help="GenEval-format jsonl prompt file")
     parser.add_argument("--model", default=None, help="world checkpoint directory (default: the shipped base)")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images sampled per prompt (default 4)")
+    parser.add_argument(
+        "--min-images-per-task", type=int, default=0, help="more images per prompt for tasks with few prompts (default 0: off)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ode_dpm", "ode_euler", "sde"))
@@ -184,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         backbone,
         records,
         images_per_prompt=args.images_per_prompt,
+        min_images_per_task=args.min_images_per_task,
         seed=args.seed,
         sampler=args.sampler,
         num_steps=args.num_steps,
@@ -195,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{len(records)} prompts x {args.images_per_prompt} images, seed {args.seed}, model {args.model or 'shipped base'}")
+    per_task = f", at least {args.min_images_per_task} per task" if args.min_images_per_task else ""
+    print(
+        f"{len(records)} prompts x {args.images_per_prompt} images{per_task}, seed {args.seed}, "
+        f"model {args.model or 'shipped base'}"
+    )
     print(format_table(result))
     print(f"written to {out}")
     return result

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from dgpo_lightning.evaluate import evaluate_backbone, image_seeds, main
+from dgpo_lightning.data.rollout import evaluation_plan
+from dgpo_lightning.evaluate import evaluate_backbone, main
 from dgpo_lightning.world.backbone import load_backbone, tiny_backbone
 from dgpo_lightning.world.scene import TAGS, load_prompts, prompt_file
 
@@ -55,9 +56,38 @@ def test_same_seed_same_numbers_and_batching_does_not_matter():
     b = evaluate_backbone(backbone, records, seed=5, batch_size=1, **kwargs)
     assert a == b
     # The seeds really are per image: distinct within a run, different across evaluation seeds.
-    seeds = image_seeds(5, len(records), 2)
-    assert len(set(seeds)) == len(seeds) and seeds != image_seeds(6, len(records), 2)
-    assert image_seeds(5, len(records) + 4, 2)[: len(seeds)] == seeds  # more prompts keep the first ones' images
+    seeds = [seed for _, seed in evaluation_plan(records, 5, 2)]
+    assert len(set(seeds)) == len(seeds) and seeds != [seed for _, seed in evaluation_plan(records, 6, 2)]
+    more_prompts = evaluation_plan(records + _one_per_task()[3:], 5, 2)
+    assert [seed for _, seed in more_prompts][: len(seeds)] == seeds  # more prompts keep the first ones' images
+
+
+def test_evaluation_plan_tops_up_tasks_with_few_prompts():
+    records = [r for r in TEST_RECORDS if r["tag"] in ("two_object", "color_attr")]
+    n_two, n_attr = (sum(r["tag"] == tag for r in records) for tag in ("two_object", "color_attr"))
+    assert n_two < 10 < n_attr
+    plan = evaluation_plan(records, 5, images_per_prompt=2, min_images_per_task=20)
+    per_prompt = [sum(index == i for index, _ in plan) for i in range(len(records))]
+    for record, count in zip(records, per_prompt):
+        expected = max(2, -(-20 // (n_two if record["tag"] == "two_object" else n_attr)))  # ceil
+        assert count == expected
+    # every task has at least 20 images, and topping up only adds images
+    for tag in ("two_object", "color_attr"):
+        assert sum(c for r, c in zip(records, per_prompt) if r["tag"] == tag) >= 20
+    assert set(evaluation_plan(records, 5, 2)) <= set(plan)
+    with pytest.raises(ValueError, match="min_images_per_task"):
+        evaluation_plan(records, 5, 2, -1)
+
+
+def test_min_images_per_task_scores_the_topped_up_plan(tmp_path, tiny_world_path, capsys):
+    records = _one_per_task()
+    out = tmp_path / "r.json"
+    main(["--prompts", str(_write(tmp_path / "p.jsonl", records)), "--model", str(tiny_world_path),
+          "--images-per-prompt", "1", "--min-images-per-task", "3", "--num-steps", "2", "--out", str(out), "--no-progress"])
+    assert "at least 3 per task" in capsys.readouterr().out
+    backbone = load_backbone(str(tiny_world_path))
+    direct = evaluate_backbone(backbone, records, images_per_prompt=3, num_steps=2, progress=False)
+    assert json.loads(out.read_text()) == pytest.approx(direct)  # one prompt per task: 3 images each
 
 
 def test_shipped_base_draws_single_objects():

@@ -62,6 +62,8 @@ class RolloutDataModule(L.LightningDataModule):
         seed: base seed of prompt draws and rollout noise.
         eval_prompts: held-out prompt file of the validation loop (``None``: no validation).
         eval_images_per_prompt: images per held-out prompt (GenEval uses 4).
+        eval_min_images_per_task: more images per prompt for tasks with few held-out prompts, at
+            least this many per task (``0``: off); see ``data.rollout.evaluation_plan``.
         eval_rewards: rewards reported on held-out prompts; they may include rewards that are never
             trained on (out-of-domain checks). Reported as ``eval/<name>`` and ``eval/<name>/<tag>``.
         eval_sampler, eval_num_steps: the evaluation sampler (deterministic ODE by default).
@@ -91,6 +93,7 @@ class RolloutDataModule(L.LightningDataModule):
         progress: bool = True,
         eval_prompts: str | None = "world:test",
         eval_images_per_prompt: int = 4,
+        eval_min_images_per_task: int = 0,
         eval_rewards: list[str] | None = None,
         eval_sampler: SamplerName = "ode_dpm",
         eval_num_steps: int = 10,
@@ -119,6 +122,7 @@ class RolloutDataModule(L.LightningDataModule):
         unknown = sorted(set(eval_rewards) - set(available_rewards()))
         _check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
         _check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
+        _check(eval_min_images_per_task >= 0, "data.eval_min_images_per_task", eval_min_images_per_task, "must be >= 0")
         self.save_hyperparameters()
         self.records = load_prompt_records(train_prompts)  # fails now, naming the file
         self.eval_records = load_prompt_records(eval_prompts) if eval_prompts else []
@@ -213,16 +217,14 @@ class RolloutDataModule(L.LightningDataModule):
     def eval_items(self) -> list[dict[str, Any]]:
         """One item per held-out image: the prompt record and its fixed seed.
 
-        Image ``j`` of prompt ``i`` is seeded by ``(eval_seed, i, j)`` exactly as
-        ``python -m dgpo_lightning.evaluate --seed eval_seed`` does, so the two report the same numbers.
+        Planned exactly as ``python -m dgpo_lightning.evaluate --seed eval_seed`` plans them
+        (:func:`~dgpo_lightning.data.rollout.evaluation_plan`), so the two report the same numbers.
         """
-        from dgpo_lightning.data.rollout import group_member_seeds
+        from dgpo_lightning.data.rollout import evaluation_plan
 
-        n = self.hparams.eval_images_per_prompt
-        seeds = group_member_seeds(self.hparams.eval_seed, range(len(self.eval_records)), n)
-        return [
-            {"record": record, "seed": seeds[i * n + j]} for i, record in enumerate(self.eval_records) for j in range(n)
-        ]
+        hp = self.hparams
+        plan = evaluation_plan(self.eval_records, hp.eval_seed, hp.eval_images_per_prompt, hp.eval_min_images_per_task)
+        return [{"record": self.eval_records[index], "seed": image_seed} for index, image_seed in plan]
 
     def val_dataloader(self) -> DataLoader:
         # A map-style dataset: Lightning shards it across ranks with a DistributedSampler.

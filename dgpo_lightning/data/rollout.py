@@ -6,6 +6,7 @@ all call these functions.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -107,6 +108,29 @@ def group_member_seeds(seed: int, group_ids: Sequence[int], group_size: int) -> 
     """Seed of member ``j`` of group ``g``, a function of ``(seed, g, j)`` only: a group gets the
     same images whichever rank or batch it lands in."""
     return [sample_seeds(int(seed) * 1_000_003 + int(g), group_size)[j] for g in group_ids for j in range(group_size)]
+
+
+def evaluation_plan(
+    records: Sequence[Mapping[str, Any]], seed: int, images_per_prompt: int, min_images_per_task: int = 0
+) -> list[tuple[int, int]]:
+    """``(record index, image seed)`` of every held-out image, prompt by prompt.
+
+    Prompt ``i`` of task ``τ`` (its GenEval ``tag``) gets
+    ``n_i = max(images_per_prompt, ceil(min_images_per_task / |prompts of τ|))`` images, so a task
+    with few prompts is not scored from a handful of images; image ``j`` is seeded by
+    ``(seed, i, j)`` (:func:`group_member_seeds`), so raising ``n_i`` only adds images.
+    """
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+    if min_images_per_task < 0:
+        raise ValueError(f"min_images_per_task must be >= 0, got {min_images_per_task}")
+    tags = [str(record.get("tag", "")) for record in records]
+    prompts_per_task = {tag: tags.count(tag) for tag in set(tags)}
+    plan = []
+    for index, tag in enumerate(tags):
+        count = max(images_per_prompt, math.ceil(min_images_per_task / prompts_per_task[tag]))
+        plan += [(index, image_seed) for image_seed in group_member_seeds(seed, [index], count)]
+    return plan
 
 
 @dataclass

@@ -17,6 +17,7 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
         f"--model.model_path={tiny_world_path}", "--model.lr=1e-3",
         "--data.group_size=3", "--data.prompts_per_rank=2", "--data.groups_per_batch=2", "--data.num_steps=2",
         "--data.rewards={sharpness: 1.0}", "--data.eval_images_per_prompt=1", "--data.eval_num_steps=2",
+        "--data.eval_min_images_per_task=3",
         "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false", "--data.progress=false",
     ])
     rows = list(csv.DictReader((out / "eval_history.csv").open()))
@@ -30,10 +31,14 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
     # The standalone evaluation of the base model reproduces the demo's "before" number exactly.
     records = load_prompts(prompt_file("test"))
     base = evaluate_backbone(
-        load_backbone(tiny_world_path), records, images_per_prompt=1, seed=1234, num_steps=2, progress=False
+        load_backbone(tiny_world_path), records, images_per_prompt=1, min_images_per_task=3, seed=1234, num_steps=2,
+        progress=False,
     )
     assert base["overall"] == result["before"]
     # ... and the exported model is what was evaluated last.
-    after = evaluate_backbone(load_backbone(out / "final"), records, images_per_prompt=1, seed=1234, num_steps=2, progress=False)
+    after = evaluate_backbone(
+        load_backbone(out / "final"), records, images_per_prompt=1, min_images_per_task=3, seed=1234, num_steps=2,
+        progress=False,
+    )
     assert after["overall"] == result["after"]
     json.dumps(result)
