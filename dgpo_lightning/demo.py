@@ -21,7 +21,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "base" / 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (evaluation excluded)")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training time budget (evaluation excluded)")
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="LightningCLI config to run")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")

@@ -26,16 +26,22 @@ BASE = ROOT / "base" / "world_dgpo.yaml"
 METRIC = "eval/geneval"
 QUALITY = "eval/sharpness"
 
-#: suite -> list of (run name, extra config files relative to experiments/)
+#: suite -> list of (run name, extra config files relative to experiments/). ``[]`` is DGPO as
+#: configured in base/world_dgpo.yaml (ODE rollouts, G=8, t_min 0.3, |A| weights); the suites share
+#: that run (one per seed) rather than repeating it.
 SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "speed": [
         ("dgpo", []),
         ("flow_grpo", ["base/world_flow_grpo.yaml"]),
         ("diffusion_dpo", ["base/world_diffusion_dpo.yaml"]),
     ],
-    "sampler": [("ode", ["ablations/sampler/ode.yaml"]), ("sde", ["ablations/sampler/sde.yaml"])],
-    "t_min": [(f"t_min={t}", [f"ablations/t_min/{t}.yaml"]) for t in ("0.0", "0.2", "0.4", "0.6")],
-    "group_size": [(f"G={g}", [f"ablations/group_size/{g}.yaml"]) for g in (2, 4, 8, 16)],
+    "sampler": [("ode", []), ("sde", ["ablations/sampler/sde.yaml"])],
+    "t_min": [
+        *[(f"t_min={t}", [f"ablations/t_min/{t}.yaml"]) for t in ("0.0", "0.2")],
+        ("t_min=0.3", []),
+        *[(f"t_min={t}", [f"ablations/t_min/{t}.yaml"]) for t in ("0.4", "0.6")],
+    ],
+    "group_size": [(f"G={g}", [f"ablations/group_size/{g}.yaml"] if g != 8 else []) for g in (2, 4, 8, 16)],
     "open_questions": [
         ("advantage", []),
         ("rank", ["ablations/group_weighting/rank.yaml"]),
@@ -45,18 +51,27 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
-def run_dir(out: Path, suite: str, name: str, seed: int) -> Path:
-    safe = name.replace("=", "_").replace(" ", "_").replace(">", "").replace("-", "_")
-    return out / "runs" / suite / safe / f"seed{seed}"
+def run_dir(out: Path, configs: list[str], seed: int) -> Path:
+    """A run's directory, named by its configuration: suites that run the same one share it."""
+    name = "+".join(Path(c).with_suffix("").as_posix().removeprefix("ablations/").replace("/", "_") for c in configs)
+    return out / "runs" / (name or "dgpo") / f"seed{seed}"
 
 
 EXTRA: list[str] = []  # --set overrides, appended to every run's command
+#: Held-out evaluation of every run and of the base: GenEval plus the out-of-domain sharpness proxy;
+#: 2 images per prompt, topped up so that every task is scored from at least 32 images.
+EVAL_ARGS = [
+    "--data.eval_rewards=[geneval, sharpness]",
+    "--data.eval_images_per_prompt=2",
+    "--data.eval_min_images_per_task=32",
+]
 
 
-def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float, out: Path, eval_every: int) -> Path:
-    directory = run_dir(out, suite, name, seed)
+def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every: int) -> Path:
+    directory = run_dir(out, configs, seed)
+    label = directory.parent.name
     if (directory / "done").exists():
-        print(f"[skip] {suite}/{name} seed {seed}: done")
+        print(f"[skip] {label} seed {seed}: done")
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     seconds = int(minutes * 60)
@@ -75,18 +90,17 @@ def launch(suite: str, name: str, configs: list[str], seed: int, minutes: float,
         f"--trainer.check_val_every_n_epoch={eval_every}",
         "--trainer.enable_progress_bar=false",
         "--data.progress=false",
-        "--data.eval_rewards=[geneval, sharpness]",
-        "--data.eval_images_per_prompt=2",
+        *EVAL_ARGS,
         *EXTRA,
     ]
-    print(f"[run] {suite}/{name} seed {seed} ({minutes} min)", flush=True)
+    print(f"[run] {label} seed {seed} ({minutes} min)", flush=True)
     start = time.perf_counter()
     # One thread per run: runs go side by side (--jobs) instead of sharing cores inside one run.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with (directory / "log.txt").open("w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:
-        raise SystemExit(f"{suite}/{name} seed {seed} failed (exit {code}); see {directory / 'log.txt'}")
+        raise SystemExit(f"{label} seed {seed} failed (exit {code}); see {directory / 'log.txt'}")
     (directory / "done").write_text(f"{time.perf_counter() - start:.0f} s\n")
     return directory
 
@@ -106,8 +120,7 @@ def base_row(out: Path) -> dict[str, float]:
         command = [
             sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
             f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}",
-            "--trainer.enable_progress_bar=false", "--data.eval_rewards=[geneval, sharpness]",
-            "--data.eval_images_per_prompt=2", *EXTRA,
+            "--trainer.enable_progress_bar=false", *EVAL_ARGS, *EXTRA,
         ]
         with (directory / "log.txt").open("w") as log:
             if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
@@ -211,16 +224,19 @@ def main() -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         # Seeds outermost: a suite cut short still has one complete seed of every run.
-        todo = [(suite, name, configs, seed) for seed in args.seeds for suite in suites for name, configs in SUITES[suite]]
+        # Runs shared by several suites are launched once.
+        todo = {
+            (tuple(configs), seed): None for seed in args.seeds for suite in suites for _, configs in SUITES[suite]
+        }
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(launch, *job, args.minutes, args.out, args.eval_every) for job in todo]
+            futures = [pool.submit(launch, list(configs), seed, args.minutes, args.out, args.eval_every) for configs, seed in todo]
             for future in futures:
                 future.result()
     for suite in suites:
         runs: dict[str, list[list[dict[str, float]]]] = {}
         for name, configs in SUITES[suite]:
             for seed in args.seeds:
-                directory = run_dir(args.out, suite, name, seed)
+                directory = run_dir(args.out, configs, seed)
                 if (directory / "done").exists():
                     runs.setdefault(name, []).append([base] + read_history(directory))
         if runs:
