@@ -61,6 +61,10 @@ class DGPOModule(L.LightningModule):
         clip_range: Flow-GRPO's ratio clip; for DGPO, with ``reference="ema"``, the official
             PPO-style clip on the denoising loss against the slow reference (``None`` disables it).
         train_guidance_scale: CFG scale of the velocities in the loss (the paper trains without CFG).
+        reference_guidance_scale: CFG scale of the reference's velocities only (``None``: the same as
+            ``train_guidance_scale``). The official code's ``kl_cfg`` mode: with CFG-free rollouts
+            (``data.guidance_scale 1``) and a guided reference (e.g. 4.5), the implicit reward and the
+            KL term measure the policy against the guided model, distilling guidance into it.
         lr, weight_decay: AdamW over the trainable parameters only.
         grad_clip: gradient-norm clip (``None``: off). The module optimises manually (micro-batches),
             so this replaces the Trainer's ``gradient_clip_val``.
@@ -97,6 +101,7 @@ class DGPOModule(L.LightningModule):
         kl_beta: float = 0.0,
         clip_range: float | None = None,
         train_guidance_scale: float = 1.0,
+        reference_guidance_scale: float | None = None,
         lr: float = 3e-5,
         weight_decay: float = 0.0,
         grad_clip: float | None = 1.0,
@@ -117,6 +122,12 @@ class DGPOModule(L.LightningModule):
         _check(0.0 < reference_decay < 1.0, "model.reference_decay", reference_decay, "must lie in (0, 1)")
         _check(kl_beta >= 0, "model.kl_beta", kl_beta, "must be >= 0")
         _check(clip_range is None or clip_range > 0, "model.clip_range", clip_range, "must be > 0 or null")
+        _check(
+            reference_guidance_scale is None or reference_guidance_scale > 0,
+            "model.reference_guidance_scale",
+            reference_guidance_scale,
+            "must be > 0 or null",
+        )
         _check(lr > 0, "model.lr", lr, "must be > 0")
         _check(grad_clip is None or grad_clip > 0, "model.grad_clip", grad_clip, "must be > 0 or null")
         _check(micro_batch_size is None or micro_batch_size >= 1, "model.micro_batch_size", micro_batch_size, "must be >= 1 or null")
@@ -305,6 +316,8 @@ class DGPOModule(L.LightningModule):
         return flow_interpolate(x0, noise, t), t, velocity_target(x0, noise)
 
     def _reference_velocity(self, x_t: Tensor, t: Tensor, cond, guidance_scale: float) -> Tensor:
+        if self.hparams.reference_guidance_scale is not None:
+            guidance_scale = self.hparams.reference_guidance_scale
         with self.reference_weights():
             return self._chunked_velocity(x_t, t, cond, guidance_scale)
 

@@ -156,6 +156,27 @@ def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path, deta
         assert t[groups == g].unique().numel() == 1
 
 
+def test_guided_reference_mode_uses_cfg_for_the_reference_only(tiny_world_path, detached_trainer):
+    """``reference_guidance_scale`` (the official kl_cfg mode): online velocities without CFG, the
+    reference's with CFG, in both the implicit reward and the KL term."""
+    kwargs = dict(beta=25.0, kl_beta=0.5, reference_guidance_scale=3.0)
+    loss, _, module, batch = _gradient(tiny_world_path, _batch, **kwargs)
+    group_ids, groups = batch["group_index"].unique(return_inverse=True)
+    x_t, t, target = module._noisy_copies(batch["latents"], groups, group_ids)
+    cond = module.backbone.encode_prompts(batch["prompts"])
+    with torch.no_grad():
+        v_online = module.backbone.velocity(x_t, t, cond)
+        with module.reference_weights():
+            v_guided = module.backbone.velocity(x_t, t, cond, guidance_scale=3.0)
+            v_plain = module.backbone.velocity(x_t, t, cond)
+    assert not torch.allclose(v_guided, v_plain)  # CFG really changes the reference here
+    dsm_online = ((v_online - target) ** 2).mean(dim=(1, 2, 3))
+    dsm_reference = ((v_guided - target) ** 2).mean(dim=(1, 2, 3))
+    expected, _ = dgpo_loss(dsm_online, dsm_reference, batch["advantages"], batch["group_index"], beta=25.0)
+    expected = expected + 0.5 * ((v_online - v_guided) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def _record_moves(model):
     """Replace ``model.to`` by a wrapper that records the target devices."""
     moves, real_to = [], model.to
