@@ -206,8 +206,11 @@ def test_from_pretrained_round_trip_and_missing_path(shared, tmp_path):
         torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
     from dgpo_lightning.models.factory import load_backbone
 
-    via_config = load_backbone("sd3", str(tmp_path / "sd3"), resolution=RES, torch_dtype="float32")
+    via_config = load_backbone(
+        "sd3", str(tmp_path / "sd3"), resolution=RES, torch_dtype="float32", offload_text_encoders=True
+    )
     assert isinstance(via_config, SD3Backbone) and via_config.latent_shape() == backbone.latent_shape()
+    assert via_config.offload_text_encoders  # the YAML option (model.backbone_options) reaches the backbone
     missing = tmp_path / "nowhere" / "sd3.5-medium"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         SD3Backbone.from_pretrained(missing)
