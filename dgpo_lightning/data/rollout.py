@@ -6,6 +6,7 @@ all call these functions.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 import warnings
@@ -125,7 +126,7 @@ def evaluation_plan(
     if min_images_per_task < 0:
         raise ValueError(f"min_images_per_task must be >= 0, got {min_images_per_task}")
     tags = [str(record.get("tag", "")) for record in records]
-    prompts_per_task = {tag: tags.count(tag) for tag in set(tags)}
+    prompts_per_task = collections.Counter(tags)
     plan = []
     for index, tag in enumerate(tags):
         count = max(images_per_prompt, math.ceil(min_images_per_task / prompts_per_task[tag]))
