@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
-from dgpo_lightning.world.scene import load_prompts, prompt_file, render_prompt
+from dgpo_lightning.world.scene import corrupt_metadata, load_prompts, prompt_file, render_prompt
 
 
 #: Full training state (online weights, EMA, optimizer) written next to the EMA checkpoint for --resume.
@@ -61,9 +61,18 @@ class TaskBalancedPrompts:
         return out
 
 
-def render_batch(records: Sequence[dict], generator: torch.Generator) -> torch.Tensor:
-    """Fresh random scenes ``[B, 3, 32, 32]`` in ``[0, 1]`` for ``records``."""
-    return torch.stack([render_prompt(record, generator) for record in records])
+def render_batch(records: Sequence[dict], generator: torch.Generator, caption_noise: float = 0.0) -> torch.Tensor:
+    """Fresh random scenes ``[B, 3, 32, 32]`` in ``[0, 1]`` for ``records``.
+
+    With probability ``caption_noise`` per record the scene is drawn for
+    :func:`~dgpo_lightning.world.scene.corrupt_metadata` of it instead (its caption stays).
+    """
+    images = []
+    for record in records:
+        if caption_noise and float(torch.rand((), generator=generator)) < caption_noise:
+            record = corrupt_metadata(record, generator)
+        images.append(render_prompt(record, generator))
+    return torch.stack(images)
 
 
 @torch.no_grad()
@@ -98,6 +107,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--caption-noise",
+        type=float,
+        default=0.0,
+        help="probability that a scene is drawn from a corrupted record (scene.corrupt_metadata) under the original caption",
+    )
     parser.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
     parser.add_argument("--down", default="DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D", help="UNet down block types")
     parser.add_argument("--layers-per-block", type=int, default=1)
@@ -234,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
         records = prompts.draw(args.batch_size)
         texts = [r["prompt"] if float(torch.rand((), generator=generator)) >= args.caption_dropout else "" for r in records]
-        images = render_batch(records, generator)
+        images = render_batch(records, generator, args.caption_noise)
         loss = flow_matching_loss(model, images, texts, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

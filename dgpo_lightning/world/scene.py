@@ -275,6 +275,44 @@ def sample_scene(
     return objects
 
 
+def corrupt_metadata(metadata: Mapping[str, Any], generator: torch.Generator | None = None) -> dict:
+    """A copy of ``metadata`` with one attribute changed, the way captions of web images go wrong.
+
+    The prompt text is kept; the scene drawn from the result no longer matches it. Per task:
+    single_object draws another class, two_object drops one of the two objects, counting is off by
+    one, colors draws another colour, position another relation, and color_attr swaps the two
+    colours (an attribute-binding error). Pretraining on such pairs
+    (:mod:`dgpo_lightning.world.pretrain` ``--caption-noise``) gives a base that knows every concept
+    but draws it unreliably: the headroom online RL turns into reward.
+    """
+    validate_metadata(metadata)
+
+    def pick(options: Sequence[Any]) -> Any:
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    include = [dict(clause) for clause in metadata["include"]]
+    tag = metadata["tag"]
+    if tag == "single_object":
+        include[0]["class"] = pick([c for c in CLASSES if c != include[0]["class"]])
+    elif tag == "two_object":
+        include = [pick(include)]
+    elif tag == "counting":
+        count = include[0]["count"]
+        include[0]["count"] = count + 1 if count == 1 else count + pick((-1, 1))
+    elif tag == "colors":
+        include[0]["color"] = pick([c for c in COLORS if c != include[0]["color"]])
+    elif tag == "position":
+        for clause in include:
+            if "position" in clause:
+                relation, target = clause["position"]
+                clause["position"] = [pick([r for r in RELATIONS if r != relation]), target]
+    elif tag == "color_attr":
+        include[0]["color"], include[1]["color"] = include[1]["color"], include[0]["color"]
+    corrupted = {"tag": tag, "include": include, "prompt": metadata["prompt"]}
+    validate_metadata(corrupted)
+    return corrupted
+
+
 def render_prompt(
     metadata: Mapping[str, Any], generator: torch.Generator | None = None, *, size: int = 32
 ) -> Tensor:

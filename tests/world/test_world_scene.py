@@ -16,6 +16,7 @@ from dgpo_lightning.world.scene import (
     TAGS,
     SceneObject,
     cell_relations,
+    corrupt_metadata,
     load_prompts,
     prompt_file,
     render,
@@ -101,6 +102,35 @@ def _check_scene(record, objects):
     for clause in record.get("exclude", []):
         assert counts[clause["class"]] < clause["count"]
     assert len({(o.row, o.col) for o in objects}) == len(objects)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_corrupted_records_keep_the_caption_and_their_scenes_fail_it(seed):
+    from dgpo_lightning.rewards.geneval import image_correct
+    from dgpo_lightning.world.detector import detect_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    corrupted = [corrupt_metadata(record, generator) for record in ALL_RECORDS]
+    for record, bad in zip(ALL_RECORDS, corrupted):
+        assert bad["prompt"] == record["prompt"] and bad["tag"] == record["tag"]
+        assert bad["include"] != record["include"]
+        _check_scene(bad, sample_scene(bad, generator))
+    # Each scene drawn for a corrupted record is judged wrong for the original caption by the
+    # world's detector and GenEval's rules, while the uncorrupted scenes pass.
+    images = torch.stack([render_prompt(r, generator) for r in corrupted + ALL_RECORDS])
+    verdicts = [image_correct(r, d) for r, d in zip(ALL_RECORDS + ALL_RECORDS, detect_batch(images))]
+    assert not any(verdicts[: len(ALL_RECORDS)])
+    assert all(verdicts[len(ALL_RECORDS) :])
+    # The corruption of each task is the documented one, and it is drawn at random.
+    by_tag = {}
+    for record, bad in zip(ALL_RECORDS, corrupted):
+        by_tag.setdefault(record["tag"], []).append((record["include"], bad["include"]))
+    assert all(len(b) == 1 and b[0] in a for a, b in by_tag["two_object"])
+    assert all(abs(b[0]["count"] - a[0]["count"]) == 1 for a, b in by_tag["counting"])
+    assert {b[0]["count"] - a[0]["count"] for a, b in by_tag["counting"]} == {-1, 1}
+    assert all(b[0]["color"] == a[1]["color"] and b[1]["color"] == a[0]["color"] for a, b in by_tag["color_attr"])
+    assert all(a[1]["position"][0] != b[1]["position"][0] for a, b in by_tag["position"])
+    assert len({b[0]["color"] for _, b in by_tag["colors"]}) > 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
