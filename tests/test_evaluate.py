@@ -90,11 +90,15 @@ def test_min_images_per_task_scores_the_topped_up_plan(tmp_path, tiny_world_path
     assert json.loads(out.read_text()) == pytest.approx(direct)  # one prompt per task: 3 images each
 
 
-def test_shipped_base_draws_single_objects():
-    """Real behaviour of the shipped model: a single named shape is drawn and detected most of the time."""
-    records = [r for r in TEST_RECORDS if r["tag"] == "single_object"]
-    result = evaluate_backbone(load_backbone(), records, images_per_prompt=4, seed=0, progress=False)
-    assert result["single_object"] >= 0.75
+def test_shipped_base_knows_shapes_and_colours_but_draws_them_unreliably():
+    """Real behaviour of the shipped model (noisy-caption pretraining, MODEL_CARD.md): sampled
+    without guidance it is often wrong; with CFG 2 the same model is right far more often."""
+    records = [r for r in TEST_RECORDS if r["tag"] in ("single_object", "colors")]
+    backbone = load_backbone()
+    plain = evaluate_backbone(backbone, records, images_per_prompt=4, seed=0, progress=False)
+    guided = evaluate_backbone(backbone, records, images_per_prompt=4, seed=0, guidance_scale=2.0, progress=False)
+    assert plain["overall"] <= 0.6
+    assert guided["overall"] >= plain["overall"] + 0.15
 
 
 @pytest.mark.parametrize(

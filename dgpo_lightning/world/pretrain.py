@@ -14,9 +14,14 @@ is what gets saved (``DIR`` via :func:`~dgpo_lightning.world.backbone.save_backb
 ``pretrain.json`` (arguments, steps, time, evaluation history). Periodically the EMA model is
 evaluated on the held-out TEST prompts with a 10-step DPM-Solver++ ODE.
 
-Run time: the shipped base is reproduced by ``--steps 6400 --decay-steps 2500`` in about 25 minutes on
-one CPU thread (≈ 0.23 s per batch-32 step; see ``checkpoints/base/MODEL_CARD.md``); the detector
-starts accepting the drawn shapes after ≈ 2000 steps and held-out overall reaches ≈ 0.5 after 4000-5000.
+With ``--caption-noise P`` a fraction P of the scenes is drawn for a corrupted record
+(:func:`~dgpo_lightning.world.scene.corrupt_metadata`: one attribute off) under the original caption.
+
+Run time: ≈ 0.23 s per batch-32 step on one CPU thread. The shipped base is a clean stage
+(reproduced approximately by ``--steps 6400 --decay-steps 2500``, about 25 minutes) followed by a noisy-caption stage
+(``--init CLEAN --caption-noise 0.4 --steps 1200 --decay-steps 400``, about 5 minutes); see
+``checkpoints/base/MODEL_CARD.md``. The detector starts accepting the drawn shapes after ≈ 2000
+clean steps and held-out overall reaches ≈ 0.5 after 4000-5000.
 
 Held-out prompts are never trained on: the training records come from ``prompts/train.jsonl``,
 whose class/colour/count/relation combinations exclude the test split's.
