@@ -42,3 +42,20 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
     )
     assert after["overall"] == result["after"]
     json.dumps(result)
+
+
+def test_demo_stops_at_the_configured_step_budget_and_evaluates_there(tmp_path, tiny_world_path):
+    out = tmp_path / "demo"
+    result = demo.main([
+        "--minutes", "5", "--out", str(out), "--threads", "1", "--trainer.max_steps=3",
+        f"--model.model_path={tiny_world_path}", "--data.group_size=3", "--data.prompts_per_rank=2",
+        "--data.groups_per_batch=2", "--data.passes_per_rollout=1", "--data.num_steps=2",
+        "--data.rewards={sharpness: 1.0}", "--data.eval_images_per_prompt=1", "--data.eval_num_steps=2",
+        "--data.eval_min_images_per_task=3",
+        "--trainer.check_val_every_n_epoch=2", "--trainer.enable_progress_bar=false", "--data.progress=false",
+    ])
+    rows = list(csv.DictReader((out / "eval_history.csv").open()))
+    # Evaluated before training, at step 2 (every second epoch) and, since the budget ended between
+    # evaluations, once more at step 3: "after" is the model that stopped there.
+    assert [int(float(r["step"])) for r in rows] == [0, 2, 3]
+    assert result["after"] == float(rows[-1]["eval/geneval"])
