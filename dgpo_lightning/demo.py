@@ -2,8 +2,8 @@
 
 ``make demo`` runs ``python -m dgpo_lightning.demo``: it loads the shipped base checkpoint, evaluates
 it on the held-out prompts, trains with DGPO on the CPU for the config's ``trainer.max_steps`` (at
-most ``--minutes`` of training), evaluates again and prints both scores. Everything lands in ``runs/demo/``: TensorBoard logs (``tb/``; watch with
-``tensorboard --logdir runs/demo``), ``score_vs_time.png``, ``eval_history.csv``, sample grids, the
+most ``--minutes`` of training), evaluates again and prints both scores. Everything lands in
+``runs/demo/``: TensorBoard logs (``tb/``; watch with ``tensorboard --logdir runs/demo``), ``score_vs_time.png``, ``eval_history.csv``, sample grids, the
 resolved ``config.yaml`` and the trained model in ``final/`` (``python -m dgpo_lightning.evaluate
 --prompts dgpo_lightning/world/prompts/test.jsonl --model runs/demo/final --out result.json``).
 """

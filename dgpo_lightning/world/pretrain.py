@@ -18,10 +18,10 @@ With ``--caption-noise P`` a fraction P of the scenes is drawn for a corrupted r
 (:func:`~dgpo_lightning.world.scene.corrupt_metadata`: one attribute off) under the original caption.
 
 Run time: ≈ 0.23 s per batch-32 step on one CPU thread. The shipped base is a clean stage
-(reproduced approximately by ``--steps 6400 --decay-steps 2500``, about 25 minutes) followed by a noisy-caption stage
-(``--init CLEAN --caption-noise 0.4 --steps 1200 --decay-steps 400``, about 5 minutes); see
-``checkpoints/base/MODEL_CARD.md``. The detector starts accepting the drawn shapes after ≈ 2000
-clean steps and held-out overall reaches ≈ 0.5 after 4000-5000.
+(reproduced approximately by ``--steps 6400 --decay-steps 2500``, about 25 minutes) followed by a
+noisy-caption stage (``--init CLEAN --caption-noise 0.4 --steps 1200 --decay-steps 400``, about 5
+minutes); see ``checkpoints/base/MODEL_CARD.md``. The detector starts accepting the drawn shapes
+after ≈ 2000 clean steps and held-out overall reaches ≈ 0.5 after 4000-5000.
 
 Held-out prompts are never trained on: the training records come from ``prompts/train.jsonl``,
 whose class/colour/count/relation combinations exclude the test split's.
@@ -136,7 +136,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help=f"continue from DIR/{TRAIN_STATE} (weights, EMA, optimizer, step count)"
     )
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.caption_noise < 1.0:
+        parser.error(f"--caption-noise must be in [0, 1), got {args.caption_noise}")
+    return args
 
 
 def build_from_args(args: argparse.Namespace):

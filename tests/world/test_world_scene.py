@@ -133,6 +133,15 @@ def test_corrupted_records_keep_the_caption_and_their_scenes_fail_it(seed):
     assert len({b[0]["color"] for _, b in by_tag["colors"]}) > 1
 
 
+def test_pretrain_rejects_a_caption_noise_outside_the_unit_interval(capsys):
+    from dgpo_lightning.world.pretrain import parse_args
+
+    assert parse_args(["--out", "x", "--caption-noise", "0.4"]).caption_noise == 0.4
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--caption-noise", "1.5"])
+    assert "--caption-noise must be in [0, 1)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sample_scene_satisfies_every_shipped_prompt(seed):
     generator = torch.Generator().manual_seed(seed)
