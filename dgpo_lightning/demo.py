@@ -3,9 +3,10 @@
 ``make demo`` runs ``python -m dgpo_lightning.demo``: it loads the shipped base checkpoint, evaluates
 it on the held-out prompts, trains with DGPO on the CPU for the config's ``trainer.max_steps`` (at
 most ``--minutes`` of training), evaluates again and prints both scores. Everything lands in
-``runs/demo/``: TensorBoard logs (``tb/``; watch with ``tensorboard --logdir runs/demo``), ``score_vs_time.png``, ``eval_history.csv``, sample grids, the
-resolved ``config.yaml`` and the trained model in ``final/`` (``python -m dgpo_lightning.evaluate
---prompts dgpo_lightning/world/prompts/test.jsonl --model runs/demo/final --out result.json``).
+``runs/demo/``: TensorBoard logs (``tb/``; watch with ``tensorboard --logdir runs/demo``),
+``score_vs_time.png``, ``eval_history.csv``, sample grids, the resolved ``config.yaml`` and the
+trained model in ``final/`` (``python -m dgpo_lightning.evaluate --prompts
+dgpo_lightning/world/prompts/test.jsonl --model runs/demo/final --out result.json``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "base" / 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--minutes", type=float, default=12.0, help="training-time cap (evaluation excluded); the config's trainer.max_steps ends the run first"
+        "--minutes",
+        type=float,
+        default=12.0,
+        help="training-time cap (evaluation excluded); the config's trainer.max_steps ends the run first",
     )
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="LightningCLI config to run")

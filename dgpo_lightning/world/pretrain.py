@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
-from dgpo_lightning.world.scene import corrupt_metadata, load_prompts, prompt_file, render_prompt
+from dgpo_lightning.world.scene import corrupt_metadata, load_prompts, prompt_file, random_choice, render_prompt
 
 
 #: Full training state (online weights, EMA, optimizer) written next to the EMA checkpoint for --resume.
@@ -62,7 +62,7 @@ class TaskBalancedPrompts:
         out = []
         for task in tasks:
             pool = self.by_task[self.tasks[task]]
-            out.append(pool[int(torch.randint(len(pool), (1,), generator=self.generator))])
+            out.append(random_choice(pool, self.generator))
         return out
 
 

@@ -214,6 +214,11 @@ def prompt_file(split: str) -> Path:
 # --------------------------------------------------------------------------- scene sampling
 
 
+def random_choice(options: Sequence[Any], generator: torch.Generator | None = None) -> Any:
+    """One element of ``options``, uniformly, from ``generator`` (one ``torch.randint`` draw)."""
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
 def cell_relations(a: tuple[int, int], b: tuple[int, int]) -> set[str]:
     """Relations of cell ``a = (row, col)`` relative to cell ``b`` that survive GenEval's test.
 
@@ -269,7 +274,7 @@ def sample_scene(
     for (index, cls), cell in zip(specs, cells):
         colour = include[index].get("color")
         if colour is None:
-            colour = colour_names[int(torch.randint(len(colour_names), (1,), generator=generator))]
+            colour = random_choice(colour_names, generator)
         row, col = divmod(cell, GRID)
         objects.append(SceneObject(cls, colour, row, col))
     return objects
@@ -286,31 +291,26 @@ def corrupt_metadata(metadata: Mapping[str, Any], generator: torch.Generator | N
     but draws it unreliably: the headroom online RL turns into reward.
     """
     validate_metadata(metadata)
-
-    def pick(options: Sequence[Any]) -> Any:
-        return options[int(torch.randint(len(options), (1,), generator=generator))]
-
     include = [dict(clause) for clause in metadata["include"]]
     tag = metadata["tag"]
     if tag == "single_object":
-        include[0]["class"] = pick([c for c in CLASSES if c != include[0]["class"]])
+        include[0]["class"] = random_choice([c for c in CLASSES if c != include[0]["class"]], generator)
     elif tag == "two_object":
-        include = [pick(include)]
+        include = [random_choice(include, generator)]
     elif tag == "counting":
         count = include[0]["count"]
-        include[0]["count"] = count + 1 if count == 1 else count + pick((-1, 1))
+        include[0]["count"] = count + 1 if count == 1 else count + random_choice((-1, 1), generator)
     elif tag == "colors":
-        include[0]["color"] = pick([c for c in COLORS if c != include[0]["color"]])
+        include[0]["color"] = random_choice([c for c in COLORS if c != include[0]["color"]], generator)
     elif tag == "position":
         for clause in include:
             if "position" in clause:
                 relation, target = clause["position"]
-                clause["position"] = [pick([r for r in RELATIONS if r != relation]), target]
+                clause["position"] = [random_choice([r for r in RELATIONS if r != relation], generator), target]
     elif tag == "color_attr":
         include[0]["color"], include[1]["color"] = include[1]["color"], include[0]["color"]
-    corrupted = {"tag": tag, "include": include, "prompt": metadata["prompt"]}
-    validate_metadata(corrupted)
-    return corrupted
+    # Renderable by construction; sample_scene validates it again when it is drawn.
+    return {"tag": tag, "include": include, "prompt": metadata["prompt"]}
 
 
 def render_prompt(
