@@ -6,8 +6,6 @@ all call these functions.
 
 from __future__ import annotations
 
-import collections
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,18 +16,11 @@ from torch import Tensor
 
 from dgpo_lightning.algo import group_advantages
 from dgpo_lightning.models.backbone import Backbone
+from dgpo_lightning.objectives.batch import GroupBatch
 from dgpo_lightning.rewards.base import WeightedReward
-from dgpo_lightning.sampling import SampleOutput, flow_sigmas, get_sampler, initial_noise
-
-
-def default_guidance_scale(backbone: Backbone) -> float:
-    """The backbone's own CFG scale for sampling (``1.0``, i.e. no guidance, if it declares none)."""
-    return float(getattr(backbone, "default_guidance_scale", 1.0))
-
-
-def default_shift(backbone: Backbone) -> float:
-    """The backbone's recommended schedule shift (SD3's 3.0 if it declares none)."""
-    return float(getattr(backbone, "shift", 3.0))
+from dgpo_lightning.sampling import SampleOutput, get_sampler, initial_noise
+from dgpo_lightning.sampling.seeds import member_seeds, sde_noise_seeds
+from dgpo_lightning.sampling.settings import SamplerSettings
 
 
 @torch.no_grad()
@@ -37,12 +28,8 @@ def sample_latents(
     backbone: Backbone,
     prompts: Sequence[str],
     seeds: Sequence[int],
+    settings: SamplerSettings = SamplerSettings(),
     *,
-    sampler: str = "ode_dpm",
-    num_steps: int = 10,
-    shift: float | None = None,
-    guidance_scale: float | None = None,
-    noise_level: float = 0.7,
     batch_size: int = 64,
     return_trajectory: bool = False,
     progress: bool = False,
@@ -51,23 +38,23 @@ def sample_latents(
     """Sample one latent per ``(prompt, seed)``; results do not depend on ``batch_size``.
 
     The initial noise of sample ``i`` comes from ``seeds[i]`` alone and the SDE's per-step noise from
-    ``seeds[i]`` offset by a constant, so any batch split gives the same samples.
+    :func:`~dgpo_lightning.sampling.seeds.sde_noise_seeds`, so any batch split gives the same samples.
+    ``settings`` left unresolved (``shift`` / ``guidance_scale`` ``None``) take the backbone's defaults.
 
     Returns:
         :class:`~dgpo_lightning.sampling.SampleOutput` with ``sample [N, C, H, W]``, ``trajectory
-        [S + 1, N, C, H, W]`` when asked (always for ``sde`` with ``return_trajectory``) and
-        ``log_probs [S, N]`` for ``sde``.
+        [S + 1, N, C, H, W]`` when asked and ``log_probs [S, N]`` for ``sde``.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sample_fn = get_sampler(sampler)
-    scale = default_guidance_scale(backbone) if guidance_scale is None else float(guidance_scale)
+    settings = settings.resolve(backbone)
+    sample_fn = get_sampler(settings.sampler)
+    scale = settings.guidance_scale
     # The sampler state stays fp32 whatever the denoiser's dtype (backbones cast at the network's
     # boundary): Flow-GRPO's stored transitions and log-probs must match their fp32 recomputation.
     parameter = next(backbone.denoiser.parameters())
     device, dtype = parameter.device, parameter.dtype
-    shift = default_shift(backbone) if shift is None else float(shift)
-    sigmas = flow_sigmas(num_steps, shift=shift, device=device)
+    sigmas = settings.sigmas(device)
     outputs: list[SampleOutput] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -85,53 +72,14 @@ def sample_latents(
             return backbone.velocity(x.to(dtype), t.to(dtype), cond, guidance_scale=scale).to(x.dtype)
 
         kwargs: dict[str, Any] = {"return_trajectory": return_trajectory}
-        if sampler == "sde":
-            kwargs.update(noise_level=noise_level, noise_seeds=[s + SDE_SEED_OFFSET for s in chunk_seeds])
+        if settings.stochastic:
+            kwargs.update(noise_level=settings.noise_level, noise_seeds=sde_noise_seeds(chunk_seeds))
         outputs.append(sample_fn(velocity_fn, x_init, sigmas, **kwargs))
     return SampleOutput(
         sample=torch.cat([o.sample for o in outputs]),
         trajectory=torch.cat([o.trajectory for o in outputs], dim=1) if return_trajectory else None,
         log_probs=torch.cat([o.log_probs for o in outputs], dim=1) if outputs[0].log_probs is not None else None,
     )
-
-
-#: Keeps the SDE's step noise independent of the initial noise drawn from the same seed.
-SDE_SEED_OFFSET = 1_000_003
-
-
-def sample_seeds(seed: int, count: int) -> list[int]:
-    """``count`` distinct per-sample seeds derived from one run/epoch seed."""
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, 2**62, (count,), generator=generator).tolist()
-
-
-def group_member_seeds(seed: int, group_ids: Sequence[int], group_size: int) -> list[int]:
-    """Seed of member ``j`` of group ``g``, a function of ``(seed, g, j)`` only: a group gets the
-    same images whichever rank or batch it lands in."""
-    return [sample_seeds(int(seed) * 1_000_003 + int(g), group_size)[j] for g in group_ids for j in range(group_size)]
-
-
-def evaluation_plan(
-    records: Sequence[Mapping[str, Any]], seed: int, images_per_prompt: int, min_images_per_task: int = 0
-) -> list[tuple[int, int]]:
-    """``(record index, image seed)`` of every held-out image, prompt by prompt.
-
-    Prompt ``i`` of task ``τ`` (its GenEval ``tag``) gets
-    ``n_i = max(images_per_prompt, ceil(min_images_per_task / |prompts of τ|))`` images, so a task
-    with few prompts is not scored from a handful of images; image ``j`` is seeded by
-    ``(seed, i, j)`` (:func:`group_member_seeds`), so raising ``n_i`` only adds images.
-    """
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-    if min_images_per_task < 0:
-        raise ValueError(f"min_images_per_task must be >= 0, got {min_images_per_task}")
-    tags = [str(record.get("tag", "")) for record in records]
-    prompts_per_task = collections.Counter(tags)
-    plan = []
-    for index, tag in enumerate(tags):
-        count = max(images_per_prompt, math.ceil(min_images_per_task / prompts_per_task[tag]))
-        plan += [(index, image_seed) for image_seed in group_member_seeds(seed, [index], count)]
-    return plan
 
 
 @dataclass
@@ -144,10 +92,10 @@ class Rollout:
         rewards: ``[N]`` weighted reward; ``reward_components`` per named reward.
         advantages: ``[N]`` group-normalised advantages.
         group_index: ``[N]`` group label (the group's id in the epoch's prompt draw).
+        settings: the resolved sampler settings (Flow-GRPO's ratio needs the same ones).
         sigmas: ``[S + 1]`` sampler schedule.
         trajectory: ``[N, S + 1, C, H, W]`` states along the sampler path (only when kept).
         log_probs: ``[N, S]`` per-step log-probabilities (SDE only).
-        guidance_scale, noise_level: the sampler settings (Flow-GRPO's ratio needs the same ones).
         seconds: wall-clock time of sampling + scoring.
         dropped_groups: groups removed because a reward failed on one of their images.
     """
@@ -159,11 +107,10 @@ class Rollout:
     reward_components: dict[str, Tensor]
     advantages: Tensor
     group_index: Tensor
+    settings: SamplerSettings
     sigmas: Tensor
     trajectory: Tensor | None = None
     log_probs: Tensor | None = None
-    guidance_scale: float = 1.0
-    noise_level: float = 0.0
     seconds: float = 0.0
     dropped_groups: list[int] = field(default_factory=list)
 
@@ -191,7 +138,7 @@ class Rollout:
             out[f"rollout/{name}"] = values.mean().item()
         return out
 
-    def batches(self, groups_per_batch: int, *, groups: Tensor | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def batches(self, groups_per_batch: int, *, groups: Tensor | None = None, seed: int = 0) -> list[GroupBatch]:
         """Batches of whole groups in a seeded random order.
 
         Args:
@@ -205,40 +152,20 @@ class Rollout:
         for start in range(0, order.numel(), groups_per_batch):
             chosen = order[start : start + groups_per_batch]
             index = torch.isin(self.group_index, chosen).nonzero().flatten()
-            batch: dict[str, Any] = {
-                "latents": self.latents[index],
-                "prompts": [self.prompts[i] for i in index.tolist()],
-                "advantages": self.advantages[index],
-                "rewards": self.rewards[index],
-                "group_index": self.group_index[index],
-                "sigmas": self.sigmas,
-                "guidance_scale": self.guidance_scale,
-                "noise_level": self.noise_level,
-            }
-            if self.trajectory is not None:
-                batch["trajectory"] = self.trajectory[index]
-            if self.log_probs is not None:
-                batch["log_probs"] = self.log_probs[index]
-            out.append(batch)
+            out.append(
+                GroupBatch(
+                    latents=self.latents[index],
+                    prompts=[self.prompts[i] for i in index.tolist()],
+                    advantages=self.advantages[index],
+                    rewards=self.rewards[index],
+                    group_index=self.group_index[index],
+                    settings=self.settings,
+                    sigmas=self.sigmas,
+                    trajectory=None if self.trajectory is None else self.trajectory[index],
+                    log_probs=None if self.log_probs is None else self.log_probs[index],
+                )
+            )
         return out
-
-
-def score_images(
-    reward: WeightedReward, images: Tensor, prompts: Sequence[str], metadata: Sequence[Any], *, batch_size: int = 256
-) -> dict[str, Tensor]:
-    """Each component reward on every image, ``[N]`` per name; non-finite scores are kept (as NaN/inf)
-    so the caller can report and drop the affected groups. Wrong shapes raise, naming the reward."""
-    parts: dict[str, list[Tensor]] = {name: [] for name in reward.rewards}
-    for start in range(0, images.shape[0], batch_size):
-        chunk = slice(start, start + batch_size)
-        for name, fn in reward.rewards.items():
-            scores = fn(images[chunk], list(prompts[chunk]), list(metadata[chunk]))
-            expected = images[chunk].shape[0]
-            if not isinstance(scores, Tensor) or scores.shape != (expected,):
-                shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-                raise ValueError(f"reward {name!r} returned {shape}, expected a tensor of shape ({expected},)")
-            parts[name].append(scores.detach().float().cpu())
-    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 @torch.no_grad()
@@ -250,11 +177,7 @@ def generate_groups(
     *,
     seed: int,
     group_ids: Sequence[int] | None = None,
-    sampler: str = "ode_dpm",
-    num_steps: int = 10,
-    shift: float | None = None,
-    guidance_scale: float | None = None,
-    noise_level: float = 0.7,
+    settings: SamplerSettings = SamplerSettings(),
     advantage_std: str = "group",
     keep_trajectory: bool = False,
     batch_size: int = 64,
@@ -279,15 +202,12 @@ def generate_groups(
     if len(group_ids) != len(records) or len(set(group_ids)) != len(group_ids):
         raise ValueError(f"need {len(records)} distinct group ids, got {group_ids}")
     group_index = torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size)
+    settings = settings.resolve(backbone)
     output = sample_latents(
         backbone,
         prompts,
-        group_member_seeds(seed, group_ids, group_size),
-        sampler=sampler,
-        num_steps=num_steps,
-        shift=shift,
-        guidance_scale=guidance_scale,
-        noise_level=noise_level,
+        member_seeds(seed, group_ids, group_size),
+        settings,
         batch_size=batch_size,
         return_trajectory=keep_trajectory,
         progress=progress,
@@ -295,8 +215,8 @@ def generate_groups(
     )
     latents = output.sample
     images = backbone.decode(latents)
-    components = score_images(reward, images, prompts, metadata)
-    total = sum(reward.weights[name] * values for name, values in components.items())
+    components = reward.components(images, prompts, metadata, batch_size=256, allow_non_finite=True)
+    total = reward.total(components)
 
     bad = ~torch.isfinite(total)
     dropped = sorted(set(group_index[bad].tolist()))
@@ -324,22 +244,13 @@ def generate_groups(
         reward_components={name: values[index] for name, values in components.items()},
         advantages=advantages,
         group_index=group_index[index],
-        sigmas=flow_sigmas(num_steps, shift=default_shift(backbone) if shift is None else float(shift)),
+        settings=settings,
+        sigmas=settings.sigmas(),
         trajectory=trajectory,
         log_probs=log_probs,
-        guidance_scale=default_guidance_scale(backbone) if guidance_scale is None else float(guidance_scale),
-        noise_level=noise_level if sampler == "sde" else 0.0,
         seconds=time.perf_counter() - start_time,
         dropped_groups=dropped,
     )
 
 
-__all__ = [
-    "Rollout",
-    "default_guidance_scale",
-    "default_shift",
-    "generate_groups",
-    "sample_latents",
-    "sample_seeds",
-    "score_images",
-]
+__all__ = ["Rollout", "generate_groups", "sample_latents"]

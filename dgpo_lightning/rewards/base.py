@@ -7,6 +7,7 @@ call, from a local path; nothing is loaded or downloaded at import time.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -51,15 +52,17 @@ def build(name: str, **kwargs: Any) -> Reward:
     return _REGISTRY[name](**kwargs)
 
 
-def check_scores(name: str, scores: Tensor, batch_size: int) -> Tensor:
-    """Validate a reward's output: shape ``[B]`` and finite, else a clear error naming the reward."""
+def check_scores(name: str, scores: Tensor, batch_size: int, *, allow_non_finite: bool = False) -> Tensor:
+    """Validate a reward's output: shape ``[B]`` and (unless allowed) finite, else a clear error naming
+    the reward. Returns the scores as detached float32 on the CPU."""
     if not isinstance(scores, Tensor) or scores.shape != (batch_size,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"reward {name!r} returned {shape}, expected a tensor of shape ({batch_size},)")
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"reward {name!r} returned non-finite scores at indices {bad}")
-    return scores.float()
+    if not allow_non_finite:
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"reward {name!r} returned non-finite scores at indices {bad}")
+    return scores.detach().float().cpu()
 
 
 class WeightedReward:
@@ -70,20 +73,42 @@ class WeightedReward:
             raise ValueError("WeightedReward needs at least one reward")
         self.rewards = dict(rewards)
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in self.rewards}
+        bad = {name: weight for name, weight in self.weights.items() if not math.isfinite(weight)}
+        if bad:
+            raise ValueError(f"reward weights must be finite numbers, got {bad}")
 
     def components(
-        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        batch_size: int | None = None,
+        allow_non_finite: bool = False,
     ) -> dict[str, Tensor]:
-        return {
-            name: check_scores(name, reward(images, prompts, metadata), images.shape[0])
-            for name, reward in self.rewards.items()
-        }
+        """Each component's scores ``[N]`` (CPU float32), ``batch_size`` images per reward call.
+
+        ``allow_non_finite`` keeps NaN/inf scores so that the caller can report and drop the groups
+        they hit (rollouts); otherwise they raise, naming the reward."""
+        size = batch_size or images.shape[0]
+        metadata = list(metadata) if metadata is not None else [None] * len(prompts)
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.rewards}
+        for start in range(0, images.shape[0], size):
+            chunk = slice(start, start + size)
+            count = images[chunk].shape[0]
+            for name, reward in self.rewards.items():
+                scores = reward(images[chunk], list(prompts[chunk]), metadata[chunk])
+                parts[name].append(check_scores(name, scores, count, allow_non_finite=allow_non_finite))
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+    def total(self, components: Mapping[str, Tensor]) -> Tensor:
+        """``Σ_k w_k · components[k]``."""
+        return sum(self.weights[name] * components[name] for name in self.rewards)
 
     def __call__(
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
     ) -> Tensor:
-        parts = self.components(images, prompts, metadata)
-        return sum(self.weights[name] * score for name, score in parts.items())
+        return self.total(self.components(images, prompts, metadata))
 
 
 def build_weighted(spec: Mapping[str, float] | Sequence[str], **kwargs_by_name: Mapping[str, Any]) -> WeightedReward:
