@@ -13,6 +13,7 @@ from dgpo_lightning.data.prompts import draw_prompts, load_prompt_records
 from dgpo_lightning.data.rollout import Rollout, generate_groups
 from dgpo_lightning.rewards.base import available as available_rewards
 from dgpo_lightning.rewards.base import build_weighted
+from dgpo_lightning.sampling.settings import SamplerSettings
 
 SamplerName = Literal["ode_dpm", "ode_euler", "sde"]
 
@@ -141,6 +142,18 @@ class RolloutDataModule(L.LightningDataModule):
             self._reward = build_weighted(self.rewards, **self.reward_options)
         return self._reward
 
+    @property
+    def rollout_settings(self) -> SamplerSettings:
+        """The rollout sampler (unresolved: ``None`` shift/CFG take the backbone's defaults)."""
+        hp = self.hparams
+        return SamplerSettings(hp.sampler, hp.num_steps, hp.shift, hp.guidance_scale, hp.noise_level)
+
+    @property
+    def eval_settings(self) -> SamplerSettings:
+        """The held-out evaluation sampler (same shift and CFG as the rollouts)."""
+        hp = self.hparams
+        return SamplerSettings(hp.eval_sampler, hp.eval_num_steps, hp.shift, hp.guidance_scale, hp.noise_level)
+
     def rollout_seed(self, epoch: int) -> int:
         return int(self.hparams.seed) * 1_000_003 + epoch
 
@@ -159,11 +172,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.reward,
             seed=self.rollout_seed(epoch),
             group_ids=group_ids,
-            sampler=hp.sampler,
-            num_steps=hp.num_steps,
-            shift=hp.shift,
-            guidance_scale=hp.guidance_scale,
-            noise_level=hp.noise_level,
+            settings=self.rollout_settings,
             advantage_std=hp.advantage_std,
             keep_trajectory=keep_trajectory,
             batch_size=hp.rollout_batch_size,
@@ -220,7 +229,7 @@ class RolloutDataModule(L.LightningDataModule):
         Planned exactly as ``python -m dgpo_lightning.evaluate --seed eval_seed`` plans them
         (:func:`~dgpo_lightning.data.rollout.evaluation_plan`), so the two report the same numbers.
         """
-        from dgpo_lightning.data.rollout import evaluation_plan
+        from dgpo_lightning.evaluation import evaluation_plan
 
         hp = self.hparams
         plan = evaluation_plan(self.eval_records, hp.eval_seed, hp.eval_images_per_prompt, hp.eval_min_images_per_task)

@@ -11,6 +11,8 @@ import torch
 from dgpo_lightning.algo import dgpo_loss, group_advantages
 from dgpo_lightning.data.datamodule import RolloutDataModule
 from dgpo_lightning.module import DGPOModule
+from dgpo_lightning.objectives import GroupBatch
+from dgpo_lightning.objectives.base import noisy_copies
 
 
 def make_trainer(tmp_path, **kwargs):
@@ -50,7 +52,7 @@ def test_fast_dev_run_trains_online_weights_and_keeps_the_reference(tmp_path, ti
     before_trainable = flat(p for p in module.backbone.denoiser.parameters() if p.requires_grad)
     frozen = [p for p in module.backbone.denoiser.parameters() if not p.requires_grad]
     before_frozen = flat(frozen) if frozen else None
-    reference = module.reference_denoiser
+    reference = module.reference.frozen
     before_reference = flat(reference.parameters()) if reference is not None else None
     make_trainer(tmp_path, fast_dev_run=True).fit(module, make_data())
 
@@ -76,7 +78,7 @@ def test_reference_velocity_is_the_initial_model(tiny_world_path):
     x = torch.randn(2, *module.backbone.latent_shape())
     t = torch.tensor([0.3, 0.9])
     cond = module.backbone.encode_prompts(["a photo of a red circle", "a photo of two squares"])
-    with module.reference_weights():
+    with module.reference.weights():
         v_reference = module.backbone.velocity(x, t, cond)
     v_online = module.backbone.velocity(x, t, cond)
     v_base = base.backbone.velocity(x, t, base.backbone.encode_prompts(["a photo of a red circle", "a photo of two squares"]))
@@ -92,18 +94,24 @@ def _batch(module, n_groups=3, group_size=4, seed=1):
     n = n_groups * group_size
     group_index = torch.arange(10, 10 + n_groups).repeat_interleave(group_size)
     rewards = torch.rand(n, generator=generator)
-    return {
-        "latents": torch.randn(n, *module.backbone.latent_shape(), generator=generator),
-        "prompts": [p for p in PROMPTS[:n_groups] for _ in range(group_size)],
-        "advantages": group_advantages(rewards, group_index),
-        "rewards": rewards,
-        "group_index": group_index,
-        "sigmas": torch.linspace(1, 0, 5),
-    }
+    return GroupBatch(
+        latents=torch.randn(n, *module.backbone.latent_shape(), generator=generator),
+        prompts=[p for p in PROMPTS[:n_groups] for _ in range(group_size)],
+        advantages=group_advantages(rewards, group_index),
+        rewards=rewards,
+        group_index=group_index,
+        sigmas=torch.linspace(1, 0, 5),
+    )
 
 
-class _Strategy:  # no block_backward_sync: a single process
-    pass
+def _noisy(module, batch):
+    """The step's noisy copies, recomputed from the module's own seeded draws."""
+    group_ids, groups = batch.group_index.unique(return_inverse=True)
+    hp = module.hparams
+    x_t, t, target = noisy_copies(
+        batch.latents, groups, group_ids, module.train_context(), k=hp.timesteps_per_sample, t_min=hp.t_min, t_max=hp.t_max
+    )
+    return x_t, t, target, groups, group_ids
 
 
 def _gradient(tiny_world_path, batch_fn, algorithm="dgpo", **kwargs):
@@ -113,23 +121,14 @@ def _gradient(tiny_world_path, batch_fn, algorithm="dgpo", **kwargs):
         generator = torch.Generator().manual_seed(7)
         for p in module.trainable_parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    module.manual_backward = lambda loss: loss.backward()
-    module._fake_trainer = type("T", (), {"strategy": _Strategy()})()
     batch = batch_fn(module)
-    step = {"dgpo": module._dgpo_step, "diffusion_dpo": module._dpo_step}[algorithm]
-    loss, _ = step(batch)
+    loss, _ = module.backward_step(batch)  # without a Trainer: plain backward, step 0
     return loss, flat(p.grad for p in module.trainable_parameters()), module, batch
-
-
-@pytest.fixture
-def detached_trainer(monkeypatch):
-    # The steps read ``self.trainer.strategy`` only for gradient-sync blocking; give them a stub.
-    monkeypatch.setattr(DGPOModule, "trainer", property(lambda self: self._fake_trainer), raising=False)
 
 
 @pytest.mark.parametrize("algorithm", ["dgpo", "diffusion_dpo"])
 @pytest.mark.parametrize("micro_batch_size", [1, 5])
-def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, detached_trainer, algorithm, micro_batch_size):
+def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, algorithm, micro_batch_size):
     kwargs = dict(timesteps_per_sample=2, kl_beta=0.1, beta=40.0)
     loss_full, grad_full, _, _ = _gradient(tiny_world_path, _batch, algorithm, **kwargs)
     loss_micro, grad_micro, _, _ = _gradient(tiny_world_path, _batch, algorithm, micro_batch_size=micro_batch_size, **kwargs)
@@ -139,40 +138,38 @@ def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, detached
     torch.testing.assert_close(grad_micro, grad_full, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path, detached_trainer):
+def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path):
     """The module's loss equals dgpo_loss on errors recomputed here from the same t and noise."""
     loss, _, module, batch = _gradient(tiny_world_path, _batch, beta=25.0)
-    group_ids, groups = batch["group_index"].unique(return_inverse=True)
-    x_t, t, target = module._noisy_copies(batch["latents"], groups, group_ids)
-    cond = module.backbone.encode_prompts(batch["prompts"])
+    x_t, t, target, groups, group_ids = _noisy(module, batch)
+    cond = module.backbone.encode_prompts(batch.prompts)
     with torch.no_grad():
         dsm_online = ((module.backbone.velocity(x_t, t, cond) - target) ** 2).mean(dim=(1, 2, 3))
-        with module.reference_weights():
+        with module.reference.weights():
             dsm_reference = ((module.backbone.velocity(x_t, t, cond) - target) ** 2).mean(dim=(1, 2, 3))
-    expected, _ = dgpo_loss(dsm_online, dsm_reference, batch["advantages"], batch["group_index"], beta=25.0)
+    expected, _ = dgpo_loss(dsm_online, dsm_reference, batch.advantages, batch.group_index, beta=25.0)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     # timesteps shared inside each group and drawn from [t_min, 1]
     for g in range(group_ids.numel()):
         assert t[groups == g].unique().numel() == 1
 
 
-def test_guided_reference_mode_uses_cfg_for_the_reference_only(tiny_world_path, detached_trainer):
+def test_guided_reference_mode_uses_cfg_for_the_reference_only(tiny_world_path):
     """``reference_guidance_scale`` (the official kl_cfg mode): online velocities without CFG, the
     reference's with CFG, in both the implicit reward and the KL term."""
     kwargs = dict(beta=25.0, kl_beta=0.5, reference_guidance_scale=3.0)
     loss, _, module, batch = _gradient(tiny_world_path, _batch, **kwargs)
-    group_ids, groups = batch["group_index"].unique(return_inverse=True)
-    x_t, t, target = module._noisy_copies(batch["latents"], groups, group_ids)
-    cond = module.backbone.encode_prompts(batch["prompts"])
+    x_t, t, target, groups, group_ids = _noisy(module, batch)
+    cond = module.backbone.encode_prompts(batch.prompts)
     with torch.no_grad():
         v_online = module.backbone.velocity(x_t, t, cond)
-        with module.reference_weights():
+        with module.reference.weights():
             v_guided = module.backbone.velocity(x_t, t, cond, guidance_scale=3.0)
             v_plain = module.backbone.velocity(x_t, t, cond)
     assert not torch.allclose(v_guided, v_plain)  # CFG really changes the reference here
     dsm_online = ((v_online - target) ** 2).mean(dim=(1, 2, 3))
     dsm_reference = ((v_guided - target) ** 2).mean(dim=(1, 2, 3))
-    expected, _ = dgpo_loss(dsm_online, dsm_reference, batch["advantages"], batch["group_index"], beta=25.0)
+    expected, _ = dgpo_loss(dsm_online, dsm_reference, batch.advantages, batch.group_index, beta=25.0)
     expected = expected + 0.5 * ((v_online - v_guided) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
@@ -184,7 +181,7 @@ def _record_moves(model):
     return moves
 
 
-def test_offloaded_reference_gives_the_same_step_and_waits_on_the_cpu(tiny_world_path, detached_trainer):
+def test_offloaded_reference_gives_the_same_step_and_waits_on_the_cpu(tiny_world_path):
     loss, grad, _, _ = _gradient(tiny_world_path, _batch, finetune="full", kl_beta=0.1)
 
     module = DGPOModule(model_path=str(tiny_world_path), finetune="full", kl_beta=0.1, grad_clip=None, offload_reference=True)
@@ -193,15 +190,13 @@ def test_offloaded_reference_gives_the_same_step_and_waits_on_the_cpu(tiny_world
         generator = torch.Generator().manual_seed(7)
         for p in module.trainable_parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    module.manual_backward = lambda value: value.backward()
-    module._fake_trainer = type("T", (), {"strategy": _Strategy()})()
-    moves = _record_moves(module.reference_denoiser)
-    offloaded_loss, _ = module._dgpo_step(_batch(module))
+    moves = _record_moves(module.reference.frozen)
+    offloaded_loss, _ = module.backward_step(_batch(module))
     torch.testing.assert_close(offloaded_loss, loss)
     torch.testing.assert_close(flat(p.grad for p in module.trainable_parameters()), grad)
     device = str(next(module.backbone.denoiser.parameters()).device)
     assert moves == [device, "cpu"]  # one visit for the reference forward pass, then back
-    assert {p.device.type for p in module.reference_denoiser.parameters()} == {"cpu"}
+    assert {p.device.type for p in module.reference.frozen.parameters()} == {"cpu"}
 
 
 def test_offload_reference_needs_a_reference_copy(tiny_world_path):
@@ -212,9 +207,9 @@ def test_offload_reference_needs_a_reference_copy(tiny_world_path):
 def test_offloaded_ema_reference_still_follows_the_online_weights(tmp_path, tiny_world_path):
     module = DGPOModule(model_path=str(tiny_world_path), finetune="full", reference="ema", reference_decay=0.5, lr=1e-3, offload_reference=True)
     module.configure_model()
-    before = flat(module.reference_denoiser.parameters())
+    before = flat(module.reference.frozen.parameters())
     make_trainer(tmp_path, fast_dev_run=True).fit(module, make_data())
-    after = flat(module.reference_denoiser.parameters())
+    after = flat(module.reference.frozen.parameters())
     online = flat(module.backbone.denoiser.parameters())
     assert not torch.equal(before, after)
     # one lerp halfway towards the online weights
@@ -236,7 +231,7 @@ def test_resume_continues_with_identical_state(tmp_path, tiny_world_path):
     resumed, trainer = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert trainer.global_step == straight_trainer.global_step > 0
     torch.testing.assert_close(flat(resumed.backbone.denoiser.parameters()), flat(straight.backbone.denoiser.parameters()))
-    torch.testing.assert_close(flat(resumed.reference_denoiser.parameters()), flat(straight.reference_denoiser.parameters()))
+    torch.testing.assert_close(flat(resumed.reference.frozen.parameters()), flat(straight.reference.frozen.parameters()))
     state_a = straight.optimizers().optimizer.state_dict()["state"]
     state_b = resumed.optimizers().optimizer.state_dict()["state"]
     for key in state_a:
