@@ -1,29 +1,67 @@
-"""Backbones by name, so configs can say ``backbone: world`` or ``backbone: sd3``."""
+"""Backbones by name, so configs can say ``backbone: world`` or ``backbone: sd3``.
+
+A registry of loaders ``loader(path, **options) -> Backbone``. The built-in ones are named in
+:data:`BUILTIN_BACKBONES` as ``"module:function"`` strings and imported on first use: the models
+layer never imports the world (which sits above it) to find the world's backbone, and callers need
+not import anything first. Other backbones join with :func:`register_backbone`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable
 
-BACKBONES = ("world", "sd3")
+#: Built-in loaders, ``name -> "module:function"``; each function takes ``(path, **options)``.
+BUILTIN_BACKBONES: dict[str, str] = {
+    "world": "dgpo_lightning.world.backbone:load_backbone",
+    "sd3": "dgpo_lightning.models.factory:load_sd3",
+}
+
+#: Kept for callers that list the built-in names.
+BACKBONES = tuple(BUILTIN_BACKBONES)
+
+_LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_backbone(name: str, loader: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``loader(path, **options) -> Backbone`` under ``name`` (a built-in name is refused)."""
+    if name in BUILTIN_BACKBONES or _LOADERS.get(name, loader) is not loader:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _LOADERS[name] = loader
+    return loader
+
+
+def available_backbones() -> list[str]:
+    """Names :func:`load_backbone` accepts."""
+    return sorted({*BUILTIN_BACKBONES, *_LOADERS})
+
+
+def _loader(kind: str) -> Callable[..., Any]:
+    if kind in _LOADERS:
+        return _LOADERS[kind]
+    if kind in BUILTIN_BACKBONES:
+        module, _, attribute = BUILTIN_BACKBONES[kind].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(available_backbones())}")
+
+
+def load_sd3(path: str | None = None, **options: Any):
+    """An :class:`~dgpo_lightning.models.sd3.SD3Backbone` from a local SD3/3.5 pipeline directory or hub id."""
+    if not path:
+        raise ValueError("model.backbone=sd3 needs model.model_path: a local SD3/3.5 pipeline directory or hub id")
+    from dgpo_lightning.models.sd3 import SD3Backbone
+
+    return SD3Backbone.from_pretrained(path, **options)
 
 
 def load_backbone(kind: str, path: str | None = None, **options: Any):
     """Load a backbone implementing :class:`~dgpo_lightning.models.backbone.Backbone`.
 
     Args:
-        kind: ``"world"`` (the embedded model; ``path=None`` is its shipped base checkpoint) or
-            ``"sd3"`` (a Stable Diffusion 3/3.5 pipeline directory or hub id; ``path`` required).
+        kind: ``"world"`` (the embedded model; ``path=None`` is its shipped base checkpoint),
+            ``"sd3"`` (a Stable Diffusion 3/3.5 pipeline directory or hub id; ``path`` required), or
+            a name added with :func:`register_backbone`.
         path: checkpoint directory or hub id.
         **options: backbone-specific options (SD3: ``resolution``, ``torch_dtype``).
     """
-    if kind == "world":
-        from dgpo_lightning.world.backbone import load_backbone as load_world
-
-        return load_world(path, **options)
-    if kind == "sd3":
-        if not path:
-            raise ValueError("model.backbone=sd3 needs model.model_path: a local SD3/3.5 pipeline directory or hub id")
-        from dgpo_lightning.models.sd3 import SD3Backbone
-
-        return SD3Backbone.from_pretrained(path, **options)
-    raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(BACKBONES)}")
+    return _loader(kind)(path, **options)

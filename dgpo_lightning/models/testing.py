@@ -263,7 +263,7 @@ def save_tiny_mask2former(
 
     from transformers import Mask2FormerConfig, Mask2FormerImageProcessorPil, SwinConfig
 
-    from dgpo_lightning.rewards.detectors import _instance_head_class
+    from dgpo_lightning.models.mask2former import instance_head_class
 
     directory = Path(directory)
     backbone = SwinConfig(
@@ -291,7 +291,7 @@ def save_tiny_mask2former(
         label2id={label: i for i, label in enumerate(labels)},
     )
     torch.manual_seed(seed)
-    model = _instance_head_class()(config)
+    model = instance_head_class()(config)
     with torch.no_grad():  # away from the identity, so that tests see where each norm layer applies
         for module in model.modules():
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):

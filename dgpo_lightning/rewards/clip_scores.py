@@ -35,7 +35,10 @@ def _check_images(name: str, images: Tensor, prompts: Sequence[str] | None = Non
         raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
 
 
-def _resolve(path: str | Path | None, what: str, kwarg: str) -> str:
+def resolve_local_path(path: str | Path | None, what: str, kwarg: str) -> str:
+    """``path`` as a string once it names an existing local path or a hub-id-shaped name (which
+    transformers then finds in its local cache or fails on); ``None`` or a missing path raise,
+    naming ``what`` and its argument ``kwarg``. Nothing is downloaded here."""
     if path is None:
         raise ValueError(f"{what}: pass {kwarg}=<local directory> (weights are never downloaded)")
     text = str(Path(path).expanduser())
@@ -118,8 +121,8 @@ class ClipBackend(nn.Module):
         if self.model is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            model_path = _resolve(self.model_path, self.what, "model_path")
-            processor_path = _resolve(self.processor_path, self.what, "processor_path")
+            model_path = resolve_local_path(self.model_path, self.what, "model_path")
+            processor_path = resolve_local_path(self.processor_path, self.what, "processor_path")
             try:
                 self.processor = CLIPProcessor.from_pretrained(processor_path)
                 self.model = CLIPModel.from_pretrained(model_path, dtype=self.dtype).eval().requires_grad_(False)

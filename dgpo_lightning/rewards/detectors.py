@@ -21,7 +21,7 @@ What it computes, for each image of a batch ``[B, 3, H, W]`` in ``[0, 1]``:
    ``post_process_instance_segmentation`` computes the same scores but first resizes every mask to
    a fixed 384×384, padding included, and uses nearest-neighbour resizing to the target size; where
    the two agree, on an unpadded 384×384 input, the tests check that they do.)
-3. One :class:`~dgpo_lightning.rewards.geneval.Detection` per instance. Its box is the extent of the
+3. One :class:`~dgpo_lightning.rewards.geneval_rules.Detection` per instance. Its box is the extent of the
    binary mask, ``(x_min, y_min, x_max + 1, y_max + 1)`` in pixels (exclusive end, mmdet's
    ``mask2bbox``), which is the box mmdet's Mask2Former reports and GenEval's position rule reads.
    Class names come from the checkpoint's ``id2label`` through ``aliases`` (GenEval's names for
@@ -36,7 +36,8 @@ The detector has no prompt metadata, so it classifies the colour of every detect
 GenEval only asks for the colours of the most confident detections of classes a prompt colours,
 which are among them, so verdicts are unchanged. To bound that cost, detections that cannot pass
 GenEval's lowest confidence threshold (``score <= score_floor``, default 0.3) are dropped, and at most
-``max_per_class`` (default 16, GenEval's cap) are returned per class: the rules never look at others.
+``max_per_class`` (default 16, GenEval's cap) are returned per class, chosen in GenEval's ranking
+(ties included): the rules never look at others.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgpo_lightning.rewards.clip_scores import ClipBackend, _resolve
-from dgpo_lightning.rewards.geneval import MAX_OBJECTS, THRESHOLD, Detection
+from dgpo_lightning.models.mask2former import instance_head_class
+from dgpo_lightning.rewards.clip_scores import ClipBackend, resolve_local_path
+from dgpo_lightning.rewards.geneval_rules import MAX_OBJECTS, THRESHOLD, Detection, geneval_ranking, register_detector
 
 #: GenEval's colour names, in its order (ties in the argmax go to the earlier one).
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -150,42 +152,6 @@ def mask2former_instances(
     ]
 
 
-_INSTANCE_HEAD_CLASS: type | None = None
-
-
-def _instance_head_class() -> type:
-    """``Mask2FormerForUniversalSegmentation``'s inference path as a model class of its own.
-
-    The parameters have the same names (``model.*``, ``class_predictor.*``), so that class's checkpoints
-    load unchanged; what is left out is its training loss, whose constructor requires scipy (for the
-    Hungarian matcher) although inference never uses it. Built on first use: transformers is imported
-    lazily.
-    """
-    global _INSTANCE_HEAD_CLASS
-    if _INSTANCE_HEAD_CLASS is None:
-        from torch import nn
-        from transformers import Mask2FormerModel
-        from transformers.models.mask2former.modeling_mask2former import Mask2FormerPreTrainedModel
-
-        class Mask2FormerInstanceHead(Mask2FormerPreTrainedModel):
-            _keys_to_ignore_on_load_unexpected = [r"criterion\."]
-
-            def __init__(self, config):
-                super().__init__(config)
-                self.model = Mask2FormerModel(config)
-                self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
-                self.post_init()
-
-            def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-                """``(class logits [B, Q, C + 1], mask logits [B, Q, H / 4, W / 4])`` of the last decoder layer."""
-                outputs = self.model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-                last_queries = outputs.transformer_decoder_intermediate_states[-1].transpose(0, 1)
-                return self.class_predictor(last_queries), outputs.masks_queries_logits[-1]
-
-        _INSTANCE_HEAD_CLASS = Mask2FormerInstanceHead
-    return _INSTANCE_HEAD_CLASS
-
-
 class Mask2FormerClipDetector:
     """GenEval's detector on transformers: ``detector(images[B, 3, H, W] in [0, 1]) -> list[list[Detection]]``.
 
@@ -249,14 +215,14 @@ class Mask2FormerClipDetector:
             # preprocessed in torch below. The default (torchvision) processor cannot import here.
             from transformers import Mask2FormerImageProcessorPil
 
-            model_path = _resolve(self.model_path, "mask2former detector", "model_path")
-            processor_path = _resolve(self.processor_path, "mask2former detector", "processor_path")
+            model_path = resolve_local_path(self.model_path, "mask2former detector", "model_path")
+            processor_path = resolve_local_path(self.processor_path, "mask2former detector", "processor_path")
             # Checked here too, so that a missing CLIP is reported under this detector's argument names.
-            _resolve(self.clip.model_path, "mask2former detector", "clip_path")
-            _resolve(self.clip.processor_path, "mask2former detector", "clip_processor_path")
+            resolve_local_path(self.clip.model_path, "mask2former detector", "clip_path")
+            resolve_local_path(self.clip.processor_path, "mask2former detector", "clip_processor_path")
             try:
                 self.processor = Mask2FormerImageProcessorPil.from_pretrained(processor_path)
-                model = _instance_head_class().from_pretrained(model_path, dtype=self.dtype)
+                model = instance_head_class().from_pretrained(model_path, dtype=self.dtype)
             except OSError as error:
                 raise FileNotFoundError(
                     f"mask2former detector: could not load a Mask2Former model from {model_path!r} / "
@@ -358,6 +324,21 @@ class Mask2FormerClipDetector:
 
     # ------------------------------------------------------------------ detector
 
+    def _capped(self, instances: Sequence[Instance], names: Sequence[str]) -> set[int]:
+        """``id`` of the instances kept under the per-class cap: per class, the first
+        ``max_per_class`` in GenEval's ranking (:func:`~dgpo_lightning.rewards.geneval_rules.geneval_ranking`),
+        so that at a tie on the cap the detections the rules would rank first are the ones returned."""
+        by_class: dict[str, list[Instance]] = {}
+        for instance, name in zip(instances, names):
+            by_class.setdefault(name, []).append(instance)
+        selected: set[int] = set()
+        for found in by_class.values():
+            ranking = geneval_ranking([instance.score for instance in found])
+            if self.max_per_class is not None:
+                ranking = ranking[: self.max_per_class]
+            selected.update(id(found[i]) for i in ranking)
+        return selected
+
     @torch.no_grad()
     def __call__(self, images: Tensor) -> list[list[Detection]]:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -366,13 +347,12 @@ class Mask2FormerClipDetector:
         found: list[list[tuple[str, float, tuple[int, int, int, int]]]] = []
         crops, names = [], []
         for image, instances in zip(images, self.segment(images)):
-            per_class: dict[str, int] = {}
+            instance_names = [self.class_name(instance.label) for instance in instances]
+            selected = self._capped(instances, instance_names)
             kept = []
-            for instance in instances:  # best first
-                name = self.class_name(instance.label)
-                if self.max_per_class is not None and per_class.get(name, 0) >= self.max_per_class:
+            for instance, name in zip(instances, instance_names):  # best first
+                if id(instance) not in selected:
                     continue
-                per_class[name] = per_class.get(name, 0) + 1
                 box = mask_box(instance.mask)
                 kept.append((name, instance.score, box))
                 crops.append(masked_crop(image, instance.mask, box))
@@ -383,3 +363,8 @@ class Mask2FormerClipDetector:
             [Detection(name, score, tuple(float(v) for v in box), next(colors)) for name, score, box in kept]
             for kept in found
         ]
+
+
+# Found by name through the detector registry: {"kind": "mask2former", "model_path": ..., "clip_path": ...}.
+register_detector("mask2former", Mask2FormerClipDetector)
+register_detector("mask2former_clip", Mask2FormerClipDetector)

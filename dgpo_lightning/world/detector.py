@@ -24,12 +24,13 @@ noise, blocks, bars and Gaussian blobs 0.00.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgpo_lightning.rewards.geneval import Detection
+from dgpo_lightning.rewards.geneval_rules import Detection, register_detector
 from dgpo_lightning.world.scene import COLORS
 
 COLOR_TOLERANCE = 0.4  # max RGB distance from a foreground pixel to its palette colour
@@ -105,7 +106,7 @@ def _shape_coverage(centre_x: Tensor, centre_y: Tensor, side: Tensor, size: int)
 def detect_batch(images: Tensor) -> list[list[Detection]]:
     """Detect the shapes in ``images [B, 3, H, W]`` (values in ``[0, 1]``, black background).
 
-    Returns one list of :class:`~dgpo_lightning.rewards.geneval.Detection` per image, sorted by
+    Returns one list of :class:`~dgpo_lightning.rewards.geneval_rules.Detection` per image, sorted by
     decreasing confidence; boxes are the components' pixel boxes ``(x0, y0, x1, y1)`` with exclusive
     upper corner. Components scoring below ``MIN_SCORE`` are dropped.
     """
@@ -210,3 +211,13 @@ def detect(image: Tensor) -> list[Detection]:
     if image.dim() != 3:
         raise ValueError(f"expected one image [3, H, W], got {tuple(image.shape)}")
     return detect_batch(image.unsqueeze(0))[0]
+
+
+def world_detector() -> Callable[[Tensor], list[list[Detection]]]:
+    """The detector factory the world registers as ``"world"``: :func:`detect_batch` (no options)."""
+    return detect_batch
+
+
+# The world provides its detector to the rewards' registry (the rewards never import the world):
+# GenEval rewards with ``detector="world"`` find it by name.
+register_detector("world", world_detector)

@@ -115,7 +115,8 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
 
     Checks the schema (``tag``, ``prompt``, non-empty ``include``; clauses with ``class``/``count``,
     optional ``color`` and ``position``; optional ``exclude``), that every class, colour, relation
-    and count is known/valid, and that the scene fits on the grid.
+    and count is known/valid, that a ``position`` points at an EARLIER include clause (GenEval
+    needs the target's matched objects when it reaches the clause), and that the scene fits on the grid.
     """
     prefix = f"{where}: " if where else ""
 
@@ -164,8 +165,15 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
                 fail(f"{name}: unknown relation {relation!r}; known: {', '.join(RELATIONS)}")
             if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(include):
                 fail(f"{name}: position target {target!r} is not the index of an include clause")
+            # GenEval evaluates include clauses in order and reads the target's matched objects, so
+            # a position on its own or a later clause can never be rewarded.
             if target == index:
                 fail(f"{name}: position refers to its own clause")
+            if target > index:
+                fail(
+                    f"{name}: position target include[{target}] is a later clause; GenEval evaluates "
+                    f"clauses in order, so a position must point at an earlier one (0..{index - 1})"
+                )
 
     for i, clause in enumerate(include):
         check_clause(clause, "include", i)

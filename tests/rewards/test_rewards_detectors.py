@@ -223,6 +223,19 @@ def test_per_class_cap_keeps_the_best(model_dirs):
         assert len(classes) == len(set(classes))
 
 
+def test_the_per_class_cap_breaks_ties_as_genevals_ranking(model_dirs, monkeypatch):
+    detector = Mask2FormerClipDetector(*model_dirs, score_floor=0.0, max_per_class=2)
+    masks = [_rect(12 * i, 4, 12 * i + 8, 12) for i in range(4)]
+    scores = [0.9, 0.9, 0.9]
+    _inject(detector, monkeypatch, [[(CAT, s, m) for s, m in zip(scores, masks)] + [(DOG, 0.8, masks[3])]])
+    found = detector(_images(1))[0]
+    # GenEval ranks with argsort(scores)[::-1] (stable in its numpy for so few): of three equal
+    # scores the two listed last are its top two; the detector returns them in listing order.
+    top_two = sorted(np.argsort(np.array(scores), kind="stable")[::-1][:2].tolist())
+    assert [d.box for d in found if d.cls == "cat"] == [tuple(float(v) for v in mask_box(masks[i])) for i in top_two]
+    assert [d.cls for d in found].count("dog") == 1
+
+
 # ---------------------------------------------------------------------------------------- post-processing
 
 

@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ from dgpo_lightning.rewards import available, build
 from dgpo_lightning.rewards.base import check_scores
 from dgpo_lightning.rewards.geneval import (
     Detection,
+    check_metadata,
     explain,
+    geneval_ranking,
     image_correct,
     keep_detections,
     partial_credit,
@@ -161,6 +164,154 @@ def test_position_needs_every_pair_and_a_matched_target():
     assert image_correct(red_target, [at("square", 20, 10, color="red"), at("circle", 4, 10)])
 
 
+# --------------------------------------------------------------------------- ties, as GenEval's code breaks them
+
+
+def _insertion_argsort(scores):
+    """The ascending argsort numpy 1.23 (GenEval's pinned version) runs on ≤ 16 elements: a plain
+    insertion sort, written here from its definition (an element moves left past strictly greater keys only)."""
+    order = list(range(len(scores)))
+    for i in range(1, len(order)):
+        j = i
+        while j > 0 and scores[order[j - 1]] > scores[order[j]]:
+            order[j - 1], order[j] = order[j], order[j - 1]
+            j -= 1
+    return np.array(order, dtype=np.int64)
+
+
+def _reference_relations(a, b):
+    """GenEval's box rule, vectorised with numpy over the two axes."""
+    boxes = np.array([a.box, b.box], dtype=np.float64).reshape(2, 2, 2)  # [object, corner, axis]
+    centres, sizes = boxes.mean(axis=1), np.abs(boxes[:, 1] - boxes[:, 0])
+    offset = centres[0] - centres[1]
+    shrunk = np.sign(offset) * np.maximum(np.abs(offset) - 0.1 * sizes.sum(axis=0), 0.0)
+    if (np.abs(shrunk) < 1e-3).all():
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    named = (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+    return {name for name, holds in named if holds}
+
+
+def _reference_verdict(metadata, detections, argsort=_insertion_argsort):
+    """GenEval's procedure re-computed independently of the module: per class, ``argsort(scores)[::-1]``,
+    threshold, cap 16; include clauses in order (count, colour count, position against the target's
+    matched objects); any exclude clause that holds fails the image."""
+    threshold = 0.9 if metadata["tag"] == "counting" else 0.3
+    objects = {}
+    for cls in dict.fromkeys(d.cls for d in detections):
+        listed = [d for d in detections if d.cls == cls]
+        scores = np.array([d.score for d in listed])
+        ordering = argsort(scores)[::-1]
+        ordering = ordering[scores[ordering] > threshold][:16]
+        if len(ordering):
+            objects[cls] = [listed[i] for i in ordering]
+    groups, correct = [], True
+    for clause in metadata["include"]:
+        found = objects.get(clause["class"], [])[: clause["count"]]
+        matched = len(found) >= clause["count"]
+        if matched and "color" in clause:
+            matched = [d.color for d in found].count(clause["color"]) >= clause["count"]
+        if matched and "position" in clause:
+            relation, target = clause["position"]
+            matched = groups[target] is not None and all(
+                relation in _reference_relations(a, b) for a in found for b in groups[target]
+            )
+        groups.append(found if matched else None)
+        correct = correct and matched
+    for clause in metadata.get("exclude", []):
+        if len(objects.get(clause["class"], [])) >= clause["count"]:
+            correct = False
+    return correct
+
+
+def test_the_reference_sort_is_numpy_stable_argsort_and_the_ranking_its_reverse():
+    rng = np.random.default_rng(0)
+    for length in range(1, 40):
+        scores = rng.choice([1.0, 0.95, 0.5], size=length)
+        stable = np.argsort(scores, kind="stable")
+        if length <= 16:
+            assert np.array_equal(_insertion_argsort(scores), stable)
+        assert geneval_ranking(scores.tolist()) == stable[::-1].tolist()
+    assert geneval_ranking([1.0, 0.5, 1.0, 1.0]) == [3, 2, 0, 1]  # the later of equal scores first
+
+
+def test_ties_pick_the_later_listed_detection_by_hand():
+    red, blue = det("circle", 1.0, color="red"), det("circle", 1.0, color="blue")
+    assert not image_correct(RED_CIRCLE, [red, blue]) and image_correct(RED_CIRCLE, [blue, red])
+    assert keep_detections([red, blue], "colors")["circle"] == [blue, red]
+    square, right, left = at("square", 20, 10, score=1.0), at("circle", 36, 10, score=1.0), at("circle", 4, 10, score=1.0)
+    assert image_correct(LEFT_OF, [square, right, left]) and not image_correct(LEFT_OF, [square, left, right])
+    # The target's tie too: the circle is left of the later-listed square only.
+    near, far = at("square", 0, 10, score=1.0), at("square", 20, 10, score=1.0)
+    circle = at("circle", 4, 24, score=1.0)
+    verdicts = [image_correct(LEFT_OF, [a, b, circle]) for a, b in [(near, far), (far, near)]]
+    assert verdicts == [True, False]
+    assert verdicts == [_reference_verdict(LEFT_OF, [a, b, circle]) for a, b in [(near, far), (far, near)]]
+    blue_square, red_square = det("square", 1.0, color="blue"), det("square", 1.0, color="red")
+    mixed = [det("circle", 1.0, color="red"), blue_square, red_square]
+    assert not image_correct(COLOR_ATTR, mixed) and image_correct(COLOR_ATTR, mixed[:1] + mixed[:0:-1])
+    # Partial credit reads the same ranking: count term 0 (two circles), colour term of the later one.
+    assert partial_credit(RED_CIRCLE, [red, blue]) == 0.0 and partial_credit(RED_CIRCLE, [blue, red]) == 0.5
+
+
+def _tied_case(rng, record):
+    """Detections for ``record`` with many equal scores: classes and colours of its clauses (and
+    others), boxes on a 3 × 3 grid of 32 px images, most scores exactly 1.0 as the world detector gives."""
+    classes = [c["class"] for c in record["include"]] + ["circle", "square", "triangle"]
+    colours = [c["color"] for c in record["include"] if "color" in c] + ["red", "blue", "green"]
+    detections = []
+    for _ in range(rng.randrange(1, 7)):
+        row, col = rng.randrange(3), rng.randrange(3)
+        x, y = col * 32 / 3 + rng.uniform(0, 3), row * 32 / 3 + rng.uniform(0, 3)
+        score = rng.choice([1.0, 1.0, 1.0, 1.0, 0.95, 0.5, 0.2])
+        detections.append(det(rng.choice(classes), score, (x, y, x + 8, y + 8), rng.choice(colours)))
+    return detections
+
+
+def test_verdicts_agree_with_genevals_procedure_on_tied_detections():
+    from dgpo_lightning.world.scene import load_prompts, prompt_file
+
+    records = load_prompts(prompt_file("train")) + load_prompts(prompt_file("test"))
+    rng = random.Random(1)
+    order_mattered = []
+    for _ in range(4000):
+        record = rng.choice(records)
+        detections = _tied_case(rng, record)
+        expected = _reference_verdict(record, detections)
+        assert image_correct(record, detections) == expected, (record, detections)
+        # Keeping the first-listed of equal scores (the old rule) would have changed this verdict.
+        first_listed = _reference_verdict(record, detections, argsort=lambda s: np.argsort(-s, kind="stable")[::-1])
+        if first_listed != expected:
+            order_mattered.append(record["tag"])
+    # Ties really decided verdicts, in each task that reads more than counts.
+    assert len(order_mattered) > 100 and {"colors", "position", "color_attr"} <= set(order_mattered)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("target", [1, 2])
+def test_a_position_on_a_later_or_its_own_clause_is_refused(target):
+    record = {
+        "tag": "position",
+        "include": [
+            {"class": "square", "count": 1},
+            {"class": "circle", "count": 1, "position": ["left of", target]},
+            {"class": "triangle", "count": 1},
+        ],
+        "prompt": "x",
+    }
+    message = r"include\[1\] \('circle'\): position \['left of', %d\] must point at an earlier include clause" % target
+    with pytest.raises(ValueError, match=message):
+        check_metadata(record)
+    with pytest.raises(ValueError, match=message):
+        image_correct(record, [])
+    with pytest.raises(ValueError, match=message):
+        build("geneval", detector=lambda images: [[]])(torch.zeros(1, 3, 32, 32), ["x"], [record])
+    record["include"][1]["position"] = ["left of", 0]
+    check_metadata(record)  # an earlier target is fine
+
+
 # --------------------------------------------------------------------------- partial credit
 
 
@@ -245,8 +396,10 @@ def test_reward_errors():
         reward(images, ["a", "b"], [{"prompt": "a"}, {"prompt": "b"}])
     with pytest.raises(ValueError, match="2 images but 1 metadata"):
         reward(images, ["a", "b"], [SINGLE])
-    with pytest.raises(ValueError, match="'kind': 'mask2former'.*or a callable"):
-        build("geneval", detector="mask2former")  # a bare name is not a spec
+    with pytest.raises(ValueError, match="unknown detector 'yolo'.*'kind': 'mask2former'.*or a callable"):
+        build("geneval", detector="yolo")
+    with pytest.raises(ValueError, match="pass model_path"):
+        build("geneval", detector="mask2former")  # a bare name is the spec without options
 
 
 def test_default_detector_is_the_world_detector():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgpo_lightning.rewards.geneval import COUNTING_THRESHOLD, THRESHOLD, image_correct
+from dgpo_lightning.rewards.geneval import COUNTING_THRESHOLD, THRESHOLD, build_detector, image_correct, keep_detections
 from dgpo_lightning.world.detector import _components, detect, detect_batch
 from dgpo_lightning.world.scene import (
     CLASSES,
@@ -95,6 +95,42 @@ def test_images_paired_with_wrong_prompts_score_low():
     detections = detect_batch(images)
     wrong = [image_correct(a, d) for (s, a), d in zip(zip(shown, asked), detections) if s["prompt"] != a["prompt"]]
     assert len(pairs) > 150 and sum(wrong) / len(wrong) < 0.15  # measured ≈ 0.06
+
+
+def test_the_world_registers_its_detector_by_name():
+    from dgpo_lightning.rewards import build
+
+    assert build_detector("world") is detect_batch
+    assert build("geneval").detector is detect_batch  # the reward's default finds it without importing the world
+
+
+def test_tied_world_detections_are_ranked_later_listed_first():
+    """The world gives drawn shapes exactly 1.0, so GenEval's tie rule (the later-listed detection of
+    equal score first) decides which circle a one-circle clause judges."""
+    red_circle = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "x"}
+    left_of = {
+        "tag": "position",
+        "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}],
+        "prompt": "x",
+    }
+    seen = set()
+    for row_a in range(GRID):
+        for row_b in range(GRID):
+            objects = [
+                SceneObject("circle", "red", row_a, 0),
+                SceneObject("circle", "blue", row_b, 2),
+                SceneObject("square", "green", row_a, 1),
+            ]
+            found = detect(render(objects, generator=torch.Generator().manual_seed(3 * row_a + row_b)))
+            circles = [d for d in found if d.cls == "circle"]
+            assert len(circles) == 2 and all(d.score == 1.0 for d in circles)
+            assert keep_detections(found, "colors")["circle"] == circles[::-1]
+            # The red circle (column 0) is left of the square (column 1); the blue one (column 2) is not.
+            judged = circles[-1]
+            assert image_correct(red_circle, found) == (judged.color == "red")
+            assert image_correct(left_of, found) == (judged.color == "red")
+            seen.add(judged.color)
+    assert seen == {"red", "blue"}  # both listing orders occurred, so the tie rule was exercised
 
 
 # --------------------------------------------------------------------------- images that are not shapes

@@ -242,6 +242,26 @@ def test_validate_metadata_position_clauses(position, message):
         validate_metadata(record)
 
 
+def test_validate_metadata_refuses_a_position_on_a_later_clause():
+    # GenEval evaluates clauses in order: include[0] cannot stand relative to include[1], not yet matched.
+    record = {
+        "tag": "position",
+        "include": [{"class": "circle", "count": 1, "position": ["left of", 1]}, {"class": "square", "count": 1}],
+        "prompt": "a photo of a circle left of a square",
+    }
+    with pytest.raises(ValueError, match=r"^here: include\[0\]: position target include\[1\] is a later clause"):
+        validate_metadata(record, where="here")
+    # The same scene with the clauses in GenEval's order is valid.
+    validate_metadata(
+        dict(record, include=[{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}])
+    )
+
+
+def test_shipped_position_clauses_point_at_earlier_clauses():
+    positions = [(i, c["position"][1]) for r in ALL_RECORDS for i, c in enumerate(r["include"]) if "position" in c]
+    assert positions and all(target < index for index, target in positions)
+
+
 def test_load_prompts_errors_name_file_and_line(tmp_path):
     good = json.dumps(_record())
     path = tmp_path / "p.jsonl"
