@@ -104,25 +104,12 @@ class DGPOModule(L.LightningModule):
     ):
         super().__init__()
         finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
-        from dgpo_lightning.models.factory import BACKBONES
+        from dgpo_lightning.models.factory import available_backbones
 
-        check(backbone in BACKBONES, "model.backbone", backbone, f"is not a known backbone; choose one of: {', '.join(BACKBONES)}")
-        check(finite(beta) and beta >= 0, "model.beta", beta, "must be a finite number >= 0")
-        check(finite(t_min) and 0.0 <= t_min < 1.0, "model.t_min", t_min, "must lie in [0, 1) (t = 1 is pure noise)")
-        check(finite(t_max) and t_min < t_max <= 1.0, "model.t_max", t_max, f"must lie in (t_min={t_min}, 1]")
+        known = available_backbones()
+        check(backbone in known, "model.backbone", backbone, f"is not a known backbone; choose one of: {', '.join(known)}")
         check(t_min_final is None or (finite(t_min_final) and 0.0 <= t_min_final < t_max), "model.t_min_final", t_min_final, "must lie in [0, t_max)")
         check(t_min_anneal_epochs >= 1, "model.t_min_anneal_epochs", t_min_anneal_epochs, "must be >= 1")
-        check(timesteps_per_sample >= 1, "model.timesteps_per_sample", timesteps_per_sample, "must be >= 1")
-        check(finite(reference_decay) and 0.0 < reference_decay < 1.0, "model.reference_decay", reference_decay, "must lie in (0, 1)")
-        check(finite(kl_beta) and kl_beta >= 0, "model.kl_beta", kl_beta, "must be a finite number >= 0")
-        check(clip_range is None or (finite(clip_range) and clip_range > 0), "model.clip_range", clip_range, "must be > 0 or null")
-        check(0.0 <= old_policy_decay_max < 1.0, "model.old_policy_decay_max", old_policy_decay_max, "must lie in [0, 1)")
-        check(finite(old_policy_decay_rate) and old_policy_decay_rate >= 0, "model.old_policy_decay_rate", old_policy_decay_rate, "must be >= 0")
-        check(finite(train_guidance_scale) and train_guidance_scale > 0, "model.train_guidance_scale", train_guidance_scale, "must be > 0")
-        check(
-            reference_guidance_scale is None or (finite(reference_guidance_scale) and reference_guidance_scale > 0),
-            "model.reference_guidance_scale", reference_guidance_scale, "must be > 0 or null",
-        )
         check(finite(lr) and lr > 0, "model.lr", lr, "must be a finite number > 0")
         check(finite(weight_decay) and weight_decay >= 0, "model.weight_decay", weight_decay, "must be >= 0")
         defaults = inspect.signature(DGPOModule.__init__).parameters
@@ -131,12 +118,11 @@ class DGPOModule(L.LightningModule):
             "model.lr", lr, "configures the default AdamW only: with model.optimizer set, give lr/weight_decay in its init_args",
         )
         check(grad_clip is None or (finite(grad_clip) and grad_clip > 0), "model.grad_clip", grad_clip, "must be > 0 or null")
-        check(micro_batch_size is None or micro_batch_size >= 1, "model.micro_batch_size", micro_batch_size, "must be >= 1 or null")
         check(lora_rank >= 1, "model.lora_rank", lora_rank, "must be >= 1")
-        check(not (reference == "ema" and finetune == "lora"), "model.reference", reference,
-              "'ema' needs finetune=full (with LoRA the reference is the adapter-disabled base)")
-        check(not offload_reference or finetune == "full", "model.offload_reference", offload_reference,
-              "needs finetune=full (with LoRA the reference is the base weights the online model uses)")
+        from dgpo_lightning.models.reference import OldPolicy, Reference
+
+        Reference.check_options(lora=finetune == "lora", kind=reference, decay=reference_decay, offload=offload_reference)
+        OldPolicy.check_options(decay_max=old_policy_decay_max, decay_rate=old_policy_decay_rate)
         objective_class = objectives.get(algorithm)
         check(
             not (objective_class.uses_old_policy and clip_range is not None and not old_policy and reference != "ema"),

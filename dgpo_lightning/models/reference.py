@@ -21,6 +21,7 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from dgpo_lightning.errors import check
 from dgpo_lightning.models.backbone import Backbone, Conditioning
 from dgpo_lightning.models.ema import ema_update_
 
@@ -42,12 +43,7 @@ class Reference(nn.Module):
 
     def __init__(self, backbone: Backbone, *, lora: bool, kind: ReferenceKind = "initial", decay: float = 0.99, offload: bool = False):
         super().__init__()
-        if kind == "ema" and lora:
-            raise ValueError("model.reference='ema' needs finetune=full (with LoRA the reference is the adapter-disabled base)")
-        if offload and lora:
-            raise ValueError("model.offload_reference needs finetune=full (with LoRA the reference is the base weights the online model uses)")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"model.reference_decay={decay!r} must lie in (0, 1)")
+        self.check_options(lora=lora, kind=kind, decay=decay, offload=offload)
         # Not a submodule: the backbone belongs to its owner (registering it twice would duplicate its
         # tensors in state dicts).
         self.__dict__["backbone"] = backbone
@@ -55,6 +51,15 @@ class Reference(nn.Module):
         self.frozen: nn.Module | None = None if lora else copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
         #: Set once :meth:`reset` has changed weights that are otherwise reloaded from disk.
         self.frozen_weights_changed = False
+
+    @staticmethod
+    def check_options(*, lora: bool, kind: str, decay: float, offload: bool) -> None:
+        """Refuse settings that cannot work, naming the config key (before any model is loaded)."""
+        check(not (kind == "ema" and lora), "model.reference", kind,
+              "'ema' needs finetune=full (with LoRA the reference is the adapter-disabled base)")
+        check(not (offload and lora), "model.offload_reference", offload,
+              "needs finetune=full (with LoRA the reference is the base weights the online model uses)")
+        check(isinstance(decay, (int, float)) and 0.0 < decay < 1.0, "model.reference_decay", decay, "must lie in (0, 1)")
 
     @property
     def moves(self) -> bool:
@@ -140,16 +145,18 @@ class OldPolicy(nn.Module):
 
     def __init__(self, denoiser: nn.Module, *, decay_max: float = 0.3, decay_rate: float = 1e-3):
         super().__init__()
-        if not 0.0 <= decay_max < 1.0:
-            raise ValueError(f"model.old_policy_decay_max={decay_max!r} must lie in [0, 1)")
-        if not decay_rate >= 0.0:
-            raise ValueError(f"model.old_policy_decay_rate={decay_rate!r} must be >= 0")
+        self.check_options(decay_max=decay_max, decay_rate=decay_rate)
         self.__dict__["denoiser"] = denoiser
         self.decay_max, self.decay_rate = decay_max, decay_rate
         trained = self._trained()
         if not trained:
             raise ValueError("the old policy averages the trained parameters, and the denoiser has none")
         self.averaged = nn.ParameterList([nn.Parameter(p.detach().clone(), requires_grad=False) for p in trained])
+
+    @staticmethod
+    def check_options(*, decay_max: float, decay_rate: float) -> None:
+        check(0.0 <= decay_max < 1.0, "model.old_policy_decay_max", decay_max, "must lie in [0, 1)")
+        check(decay_rate >= 0.0, "model.old_policy_decay_rate", decay_rate, "must be >= 0")
 
     def _trained(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]

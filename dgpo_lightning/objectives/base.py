@@ -13,6 +13,7 @@ Adding an algorithm: one file in this package with an :class:`Objective` subclas
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Literal, Sequence
 import torch
 from torch import Tensor
 
+from dgpo_lightning.errors import check
 from dgpo_lightning.algo import flow_interpolate, sample_timesteps, velocity_target
 from dgpo_lightning.models.backbone import Backbone, Conditioning, concat_conditioning, index_conditioning
 from dgpo_lightning.objectives.batch import GroupBatch
@@ -67,6 +69,21 @@ class TrainingSettings:
     train_guidance_scale: float = 1.0
     reference_guidance_scale: float | None = None
     micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+        check(finite(self.beta) and self.beta >= 0, "model.beta", self.beta, "must be a finite number >= 0")
+        check(finite(self.t_min) and 0.0 <= self.t_min < 1.0, "model.t_min", self.t_min, "must lie in [0, 1) (t = 1 is pure noise)")
+        check(finite(self.t_max) and self.t_min < self.t_max <= 1.0, "model.t_max", self.t_max, f"must lie in (t_min={self.t_min}, 1]")
+        check(self.timesteps_per_sample >= 1, "model.timesteps_per_sample", self.timesteps_per_sample, "must be >= 1")
+        check(finite(self.kl_beta) and self.kl_beta >= 0, "model.kl_beta", self.kl_beta, "must be a finite number >= 0")
+        check(self.clip_range is None or (finite(self.clip_range) and self.clip_range > 0), "model.clip_range", self.clip_range, "must be > 0 or null")
+        check(finite(self.train_guidance_scale) and self.train_guidance_scale > 0, "model.train_guidance_scale", self.train_guidance_scale, "must be > 0")
+        check(
+            self.reference_guidance_scale is None or (finite(self.reference_guidance_scale) and self.reference_guidance_scale > 0),
+            "model.reference_guidance_scale", self.reference_guidance_scale, "must be > 0 or null",
+        )
+        check(self.micro_batch_size is None or self.micro_batch_size >= 1, "model.micro_batch_size", self.micro_batch_size, "must be >= 1 or null")
 
 
 class TrainContext:
