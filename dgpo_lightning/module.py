@@ -132,6 +132,8 @@ class DGPOModule(L.LightningModule):
         )
         check(not old_policy or objective_class.uses_old_policy, "model.old_policy", old_policy, f"is not used by {algorithm}")
         self.save_hyperparameters()
+        # The callables themselves (under LightningCLI, hparams hold their configs instead).
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.objective = objective_class(self.training_settings(), **(algorithm_options or {}))
         # Manual optimisation: one optimizer step per batch of whole groups, with as many
         # micro-batch backward passes as memory requires.
@@ -153,6 +155,7 @@ class DGPOModule(L.LightningModule):
 
     @property
     def needs_trajectory(self) -> bool:
+        """Whether rollouts must keep every sampler state (the data module reads it)."""
         return self.objective.needs.trajectory
 
     def training_settings(self) -> TrainingSettings:
@@ -210,14 +213,9 @@ class DGPOModule(L.LightningModule):
             return
         check(not self.hparams.offload_reference, "model.offload_reference", True, "is not supported with FSDP sharding")
         check(self.old_policy is None, "model.old_policy", True, "is not supported with FSDP sharding yet")
-        from torch.distributed.fsdp import fully_shard
+        from dgpo_lightning.models.sharding import shard_denoisers
 
-        for model in (self.backbone.denoiser, self.reference.frozen):
-            if model is None:
-                continue
-            for block in _shard_units(model):
-                fully_shard(block, mesh=mesh["data_parallel"])
-            fully_shard(model, mesh=mesh["data_parallel"])
+        shard_denoisers((self.backbone.denoiser, self.reference.frozen), mesh["data_parallel"])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
@@ -227,13 +225,13 @@ class DGPOModule(L.LightningModule):
         if not params:
             raise RuntimeError("no trainable parameters: check model.finetune / model.lora_targets")
         hp = self.hparams
-        if hp.optimizer is None:
+        if self.optimizer_factory is None:
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
-            optimizer = hp.optimizer(params)
-        if hp.lr_scheduler is None:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": hp.lr_scheduler(optimizer), "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def _offload_idle(self) -> None:
         """Undo the Trainer's move of the whole module to the accelerator for offloaded parts."""
@@ -362,6 +360,9 @@ class DGPOModule(L.LightningModule):
                 "so its first update is already off-policy and clipped; use bf16-mixed (or 32-true)"
             )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        sampler = getattr(getattr(datamodule, "hparams", None), "sampler", None)
+        check(self.objective.needs.sampler != "sde" or sampler in (None, "sde"), "data.sampler", sampler,
+              f"cannot train {self.hparams.algorithm}: it needs SDE rollouts (data.sampler=sde)")
         if datamodule is None or not hasattr(datamodule, "eval_reward_names") or hasattr(self, "eval_metrics"):
             return
         from dgpo_lightning.evaluation import HeldOutMetrics
@@ -402,12 +403,3 @@ class DGPOModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end()
 
-
-def _shard_units(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a denoiser: SD3's ``transformer_blocks`` or a UNet's down/mid/up blocks."""
-    units: list[nn.Module] = []
-    for name in ("transformer_blocks", "down_blocks", "up_blocks"):
-        units.extend(getattr(model, name, None) or [])
-    if getattr(model, "mid_block", None) is not None:
-        units.append(model.mid_block)
-    return units
