@@ -1,7 +1,10 @@
 """The embedded text-to-image world: scenes and prompts, detector, tiny flow model and its shipped checkpoint.
 
 The scene/prompt names import eagerly (torch only); the model names (diffusers) load on first use,
-so the renderer and the detector stay cheap to import.
+so the renderer and the detector stay cheap to import. The world sits above the rewards: its detector
+registers itself in the rewards' detector registry as ``"world"`` (``dgpo_lightning.world.detector``),
+and the backbone registry (``models.factory``) names ``"world"`` by module string; neither lower layer
+imports this package.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dgpo_lightning.world.scene import (
 _LAZY = {
     "detect": "dgpo_lightning.world.detector",
     "detect_batch": "dgpo_lightning.world.detector",
+    "world_detector": "dgpo_lightning.world.detector",
     "WorldTextEncoder": "dgpo_lightning.world.model",
     "world_vocabulary": "dgpo_lightning.world.model",
     "WorldBackbone": "dgpo_lightning.world.backbone",
