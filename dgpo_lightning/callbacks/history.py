@@ -7,20 +7,23 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 
 class ScoreHistory(L.Callback):
     """Record every evaluation with the elapsed training time and the number of rollout images.
 
-    Writes ``<log_dir>/eval_history.csv`` and ``<log_dir>/score_vs_time.png`` (headline metric against
-    wall-clock minutes and images generated) and prints a before/after summary when training ends.
+    During ``fit`` writes ``<run>/eval_history.csv`` and ``<run>/score_vs_time.png`` (headline metric
+    against wall-clock minutes and images generated; ``<run>`` = ``trainer.default_root_dir``) and
+    prints a before/after summary when training ends, or a warning if it did not finish. A standalone
+    ``validate``/``test`` writes ``eval_validate.csv``/``eval_test.csv`` instead, so evaluating a run
+    never overwrites its training history.
     Time counts from the start of ``fit``; evaluation time itself is excluded so that curves of
     methods with different evaluation cadences stay comparable.
 
     Args:
         metric: key of the headline score (default ``eval/geneval``).
-        dirpath: where to write (default: the logger's run directory).
+        dirpath: where to write (default: the run directory).
         max_training_minutes: stop training at the first evaluation after this much training time
             (evaluation excluded), so a time-budgeted run always ends with a measured score.
     """
@@ -77,29 +80,36 @@ class ScoreHistory(L.Callback):
             **{k: float(v) for k, v in results.items()},
         }
         self.rows.append(row)
-        self._write(trainer)
+        self._write(trainer, trainer.state.fn == "fit")
         if self.max_training_minutes is not None and row["seconds"] >= 60 * self.max_training_minutes:
             trainer.should_stop = True
 
     @rank_zero_only
-    def _write(self, trainer) -> None:
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+    def _write(self, trainer, fitting: bool = True) -> None:
+        directory = Path(self.dirpath or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        keys = sorted({k for row in self.rows for k in row}, key=lambda k: (k not in ("epoch", "step", "seconds", "images"), k))
-        with (directory / "eval_history.csv").open("w", newline="") as handle:
+        rows = self.rows if fitting else self.rows[-1:]
+        keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("epoch", "step", "seconds", "images"), k))
+        name = "eval_history.csv" if fitting else f"eval_{getattr(trainer.state.fn, 'value', trainer.state.fn)}.csv"
+        with (directory / name).open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(self.rows)
-        plot_history(self.rows, self.metric, directory / "score_vs_time.png")
+            writer.writerows(rows)
+        if fitting:
+            plot_history(rows, self.metric, directory / "score_vs_time.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        from dgpo_lightning.callbacks.export import fit_problem
+
         self._fit_end = time.perf_counter()
-        self.summary()
+        self.summary(fit_problem(trainer))
 
     @rank_zero_only
-    def summary(self) -> None:
-        """Log the first and last recorded score."""
-        if len(self.rows) >= 2:
+    def summary(self, problem: str | None = None) -> None:
+        """Log the first and last recorded score, or that the fit did not finish."""
+        if problem:
+            rank_zero_warn(f"fit did not finish: {problem}" + ("; its scores so far are in eval_history.csv" if self.rows else ""))
+        elif len(self.rows) >= 2:
             first, last = self.rows[0][self.metric], self.rows[-1][self.metric]
             rank_zero_info(
                 f"{self.metric}: {first:.3f} -> {last:.3f} ({last - first:+.3f}) after "

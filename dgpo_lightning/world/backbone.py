@@ -28,6 +28,7 @@ from diffusers import UNet2DConditionModel
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgpo_lightning.errors import ConfigError
 from dgpo_lightning.models.backbone import Conditioning
 from dgpo_lightning.world.model import WorldTextEncoder
 
@@ -205,6 +206,19 @@ def save_backbone(backbone: WorldBackbone, path: str | Path, *, dtype: torch.dty
     return path
 
 
+def _read_options(file: Path) -> dict[str, Any]:
+    """``backbone.json`` as a dict (empty when absent); a corrupt file is a ConfigError naming it."""
+    if not file.is_file():
+        return {}
+    try:
+        options = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file} is not valid JSON ({error}); re-save the model with save_backbone") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{file} must hold a JSON object of backbone options, got {type(options).__name__}")
+    return options
+
+
 def load_backbone(
     path: str | Path | None = None,
     *,
@@ -220,11 +234,9 @@ def load_backbone(
     path = Path(path) if path is not None else BASE_CHECKPOINT
     if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
         raise FileNotFoundError(f"{path} is not a world backbone checkpoint (needs unet/ and text_encoder/)")
+    options = _read_options(path / BACKBONE_FILE)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
     encoder = WorldTextEncoder.from_pretrained(path / "text_encoder", torch_dtype=dtype)
-    options = {}
-    if (path / BACKBONE_FILE).is_file():
-        options = json.loads((path / BACKBONE_FILE).read_text(encoding="utf-8"))
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
     known = {"guidance_scale", "shift", "patch_size"}
