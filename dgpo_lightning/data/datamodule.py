@@ -64,7 +64,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_prompts: held-out prompt file of the validation loop (``None``: no validation).
         eval_images_per_prompt: images per held-out prompt (GenEval uses 4).
         eval_min_images_per_task: more images per prompt for tasks with few held-out prompts, at
-            least this many per task (``0``: off); see ``data.rollout.evaluation_plan``.
+            least this many per task (``0``: off); see ``sampling.seeds.evaluation_plan``.
         eval_rewards: rewards reported on held-out prompts; they may include rewards that are never
             trained on (out-of-domain checks). Reported as ``eval/<name>`` and ``eval/<name>/<tag>``.
         eval_sampler, eval_num_steps: the evaluation sampler (deterministic ODE by default).
@@ -227,9 +227,9 @@ class RolloutDataModule(L.LightningDataModule):
         """One item per held-out image: the prompt record and its fixed seed.
 
         Planned exactly as ``python -m dgpo_lightning.evaluate --seed eval_seed`` plans them
-        (:func:`~dgpo_lightning.data.rollout.evaluation_plan`), so the two report the same numbers.
+        (:func:`~dgpo_lightning.sampling.seeds.evaluation_plan`), so the two report the same numbers.
         """
-        from dgpo_lightning.evaluation import evaluation_plan
+        from dgpo_lightning.sampling.seeds import evaluation_plan
 
         hp = self.hparams
         plan = evaluation_plan(self.eval_records, hp.eval_seed, hp.eval_images_per_prompt, hp.eval_min_images_per_task)
