@@ -81,7 +81,6 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
         *[arg for config in configs for arg in ("--config", str(ROOT / config))],
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.default_root_dir={directory}",
-        f"--trainer.logger.init_args.save_dir={directory}",
         # The budget is training time (evaluation excluded), checked at each evaluation; max_time
         # is only a safety net.
         f"--trainer.callbacks.init_args.max_training_minutes={minutes}",
@@ -105,9 +104,10 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
     return directory
 
 
-def read_history(directory: Path) -> list[dict[str, float]]:
-    """Evaluation rows of a run (written by the ScoreHistory callback somewhere under ``directory``)."""
-    path = next(directory.glob("**/eval_history.csv"))
+def read_history(directory: Path, name: str = "eval_history.csv") -> list[dict[str, float]]:
+    """Evaluation rows of a run (written by the ScoreHistory callback: ``eval_history.csv`` by fit,
+    ``eval_validate.csv`` by validate)."""
+    path = next(directory.glob(f"**/{name}"))
     with path.open() as handle:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
@@ -119,14 +119,14 @@ def base_row(out: Path) -> dict[str, float]:
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
-            f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}",
+            f"--trainer.default_root_dir={directory}",
             "--trainer.enable_progress_bar=false", *EVAL_ARGS, *EXTRA,
         ]
         with (directory / "log.txt").open("w") as log:
             if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
                 raise SystemExit(f"base evaluation failed; see {directory / 'log.txt'}")
         (directory / "done").write_text("ok\n")
-    return read_history(directory)[0]
+    return read_history(directory, "eval_validate.csv")[0]
 
 
 def time_to(rows: list[dict[str, float]], target: float) -> float | None:

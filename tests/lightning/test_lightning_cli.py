@@ -53,3 +53,96 @@ def test_bad_values_fail_naming_the_key(override, key, capsys):
         parse("--config", str(BASE), override)
     message = str(error.value) + capsys.readouterr().err
     assert key in message
+
+
+# ---------------------------------------------------------------- user errors: short, no traceback
+
+
+def cli_main(capsys, *args):
+    """``(exit code, stderr lines)`` of ``python -m dgpo_lightning ARGS``, run in-process."""
+    from dgpo_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+@pytest.mark.parametrize("abbreviated", ["--model.bet=55", "--data.group=3", "--trainer.max_st=3", "--seed_every=1", "--resu=fresh"])
+def test_abbreviated_keys_are_refused(subcommand, abbreviated, capsys):
+    code, err = cli_main(capsys, subcommand, "--config", str(BASE), abbreviated)
+    assert code == 2
+    assert f"unrecognized arguments: {abbreviated}" in "\n".join(err)
+    assert len(err) <= 3 and not any("usage:" in line for line in err)
+
+
+def test_abbreviated_top_level_options_are_refused():
+    # argparse's own prefix matching, one level up: --conf must not mean --config.
+    with pytest.raises(SystemExit):
+        DGPOCLI(args=["--conf", str(BASE), "fit"], run=True)
+
+
+def test_the_cli_optimizer_option_is_off_with_a_hint(capsys):
+    code, err = cli_main(capsys, "fit", "--config", str(BASE), "--optimizer", "torch.optim.SGD")
+    assert code == 2
+    assert "--optimizer" in err[0] and "model.optimizer" in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--model.betx=1", "--model.betx"),  # unknown key
+        ("--data.sampler=heun", "data.sampler"),  # bad choice
+        ("--data.group_size=many", "data.group_size"),  # wrong type
+        ("--data.rewards={geneval_partial:1}", "data.rewards"),  # YAML typo: a string, not a mapping
+        ("--model.beta=-1", "model.beta"),  # our constructors' validation
+        ("--data.train_prompts=/no/such/prompts.jsonl", "/no/such/prompts.jsonl"),  # missing file
+        ("--trainer.logger.init_args.version", "trainer.logger"),  # no value
+    ],
+)
+def test_user_errors_print_a_short_message_naming_the_key(override, named, capsys):
+    code, err = cli_main(capsys, "fit", "--config", str(BASE), "--trainer.logger=false", override)
+    assert code == 2
+    text = "\n".join(err)
+    assert named in text and "Traceback" not in text
+    assert len([line for line in err if not line.startswith("Seed set")]) <= 6, text
+    assert err[-1].startswith("hint:")
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    from dgpo_lightning.cli import main
+
+    monkeypatch.setenv("DGPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="model.beta"):
+        main(["fit", "--config", str(BASE), "--trainer.logger=false", "--model.beta=-1"])
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    from dgpo_lightning import cli
+
+    def broken(self):
+        raise ValueError("a bug after instantiation")
+
+    monkeypatch.setattr(cli.DGPOCLI, "before_fit", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["fit", "--config", str(BASE), "--trainer.logger=false", "--trainer.max_steps=0", "--data.eval_prompts=null"])
+
+
+@pytest.mark.parametrize("content", ["{oops", "[1, 2]", "\xff\xfe"])
+def test_a_corrupt_backbone_json_is_named(content, tiny_world_path, tmp_path, capsys):
+    import shutil
+
+    from dgpo_lightning.errors import ConfigError
+    from dgpo_lightning.world.backbone import load_backbone
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world_path, world)
+    (world / "backbone.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(ConfigError, match=str(world / "backbone.json")):
+        load_backbone(world)
+    code, err = cli_main(
+        capsys, "fit", "--config", str(BASE), f"--model.model_path={world}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--data.eval_prompts=null", "--trainer.enable_progress_bar=false", "--data.progress=false",
+    )
+    text = "\n".join(err)
+    assert code == 2 and str(world / "backbone.json") in text and "Traceback" not in text
