@@ -1,205 +1,228 @@
-"""GenEval-style evaluation of a world model on a GenEval-format prompt file.
+"""Held-out evaluation of any backbone on a prompt file, with any rewards.
 
-``python -m dgpo_lightning.evaluate --prompts FILE.jsonl [--model PATH] [--images-per-prompt N]
-[--seed S] --out RESULT.json``
+``python -m dgpo_lightning.evaluate --prompts FILE [--backbone world|sd3] [--model PATH]
+[--adapter DIR] [--reward NAME ...] [--images-per-prompt N] [--seed S] --out RESULT.json``
 
-Samples ``N`` images per prompt with a 10-step DPM-Solver++ ODE (per-sample seeded noise, so the
-numbers depend on the seed only, not on batching), reads the objects back with the world's detector,
-applies GenEval's correctness rules and writes ``{"overall": ..., "<tag>": ...}``: the per-task
-accuracies of the tasks present and their unweighted mean.
+Samples ``N`` images per prompt (10-step DPM-Solver++ ODE by default; per-image seeded noise, so
+the numbers depend on the seed only, not on batching), scores them with each reward and writes
+``RESULT.json``: the first reward's ``overall`` and per-task scores at the top level (for the
+world's GenEval: ``{"overall": ..., "<tag>": ...}``, the per-task accuracies and their unweighted
+mean), every reward's under ``"rewards"``, the run's settings and one row per image; plus
+``RESULT.png``, a grid with one row per task. The pipeline is :func:`dgpo_lightning.evaluation.evaluate`,
+the same one Lightning's validation runs.
+
+Defaults are the embedded world's: its shipped base, GenEval with its programmatic detector.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
-from dgpo_lightning.world.scene import TAGS, load_prompts, validate_metadata
+from dgpo_lightning.evaluation import EvalResult, evaluate, generate_images, save_grid  # noqa: F401 (re-export)
+from dgpo_lightning.sampling.settings import SAMPLER_NAMES, SamplerSettings
 
 DEFAULT_SAMPLER = "ode_dpm"
 DEFAULT_STEPS = 10
+#: Rewards scored from each prompt's GenEval clauses: plain-text prompts cannot be scored with them.
+METADATA_REWARDS = ("geneval", "geneval_partial")
+#: A backbone family's own check of GenEval records (``"module:function"``, imported on first use
+#: like the backbone registry's loaders): the world can only draw its own classes and colours.
+RECORD_CHECKS = {"world": "dgpo_lightning.world.scene:validate_metadata"}
 
 
-@torch.no_grad()
-def generate_images(
-    backbone,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    sampler: str = DEFAULT_SAMPLER,
-    num_steps: int = DEFAULT_STEPS,
-    shift: float | None = None,
-    guidance_scale: float | None = None,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> torch.Tensor:
-    """One image ``[N, 3, H, W]`` in ``[0, 1]`` per ``(prompt, seed)``.
-
-    ``shift=None`` uses the backbone's recommended schedule shift (``backbone.shift``, else 3);
-    ``guidance_scale=None`` its default CFG scale.
-    """
-    from dgpo_lightning.data.rollout import sample_latents
-
-    output = sample_latents(
-        backbone,
-        list(prompts),
-        list(seeds),
-        sampler=sampler,
-        num_steps=num_steps,
-        shift=shift,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        progress=progress,
-        description="evaluate",
-    )
-    return backbone.decode(output.sample)
+class UsageError(Exception):
+    """A user error: printed as one ``error: ...`` line, exit status 2."""
 
 
-def evaluate_backbone(
-    backbone,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    images_per_prompt: int = 4,
-    min_images_per_task: int = 0,
-    seed: int = 0,
-    sampler: str = DEFAULT_SAMPLER,
-    num_steps: int = DEFAULT_STEPS,
-    shift: float | None = None,
-    guidance_scale: float | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> dict[str, float]:
-    """GenEval accuracy of ``backbone`` on ``records`` (GenEval metadata with ``prompt`` text).
-
-    Args:
-        backbone: a world backbone (anything with the Backbone protocol and 32×32 RGB outputs the
-            world's detector can read).
-        records: GenEval jsonl records; each is validated (unknown classes/colours raise).
-        images_per_prompt: images sampled per prompt.
-        min_images_per_task: tasks with few prompts get more images per prompt, at least this many
-            per task (see :func:`~dgpo_lightning.data.rollout.evaluation_plan`).
-        seed: evaluation seed; image ``j`` of prompt ``i`` uses a seed derived from ``(seed, i, j)``.
-        sampler, num_steps, shift: sampler name (``ode_dpm``, ``ode_euler``, ``sde``), its steps and
-            schedule shift (``None``: the backbone's recommended one).
-        guidance_scale: CFG scale; ``None`` = the backbone's default.
-        batch_size: images per sampler batch (does not change the result).
-        progress: show a tqdm bar.
-
-    Returns:
-        ``{"overall": mean of the task scores, <tag>: accuracy per task present}``.
-    """
-    from dgpo_lightning.data.rollout import evaluation_plan
-    from dgpo_lightning.rewards.geneval import image_correct, summarize
-    from dgpo_lightning.world.detector import detect_batch
-
-    records = list(records)
-    if not records:
-        raise ValueError("no prompts to evaluate")
-    for index, record in enumerate(records):
-        validate_metadata(record, where=f"prompt {index}")
-    _warn_unknown_words(backbone, [r["prompt"] for r in records])
-    plan = evaluation_plan(records, seed, images_per_prompt, min_images_per_task)
-    metadata = [records[index] for index, _ in plan]
-    images = generate_images(
-        backbone,
-        [record["prompt"] for record in metadata],
-        [image_seed for _, image_seed in plan],
-        sampler=sampler,
-        num_steps=num_steps,
-        shift=shift,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    detections = detect_batch(images)
-    correct = [image_correct(m, d) for m, d in zip(metadata, detections)]
-    summary = summarize([m["tag"] for m in metadata], correct)
-    ordered = {"overall": summary["overall"]}
-    ordered.update({tag: summary[tag] for tag in TAGS if tag in summary})
-    return ordered
-
-
-def _warn_unknown_words(backbone, prompts: Sequence[str]) -> None:
-    encoder = getattr(backbone, "text_encoder", None)
-    if encoder is None or not hasattr(encoder, "unknown_words"):
-        return
-    unknown = sorted({word for prompt in prompts for word in encoder.unknown_words(prompt)})
-    if unknown:
-        warnings.warn(
-            f"words outside the model's vocabulary are encoded as [unk]: {', '.join(unknown)}", stacklevel=3
-        )
-
-
-def format_table(result: Mapping[str, float]) -> str:
-    """A two-column text table of ``result`` (tasks, then ``overall``)."""
-    rows = [(tag, result[tag]) for tag in TAGS if tag in result] + [("overall", result["overall"])]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'task':<{width}}  score", f"{'-' * width}  -----"]
-    lines += [f"{name:<{width}}  {value:.3f}" for name, value in rows]
+def format_table(summary: Mapping[str, float], name: str = "score") -> str:
+    """A two-column text table of one reward's summary (tasks, then ``overall``)."""
+    rows = [(tag, value) for tag, value in summary.items() if tag != "overall"] + [("overall", summary["overall"])]
+    width = max(len(row) for row, _ in rows)
+    lines = [f"{'task':<{width}}  {name}", f"{'-' * width}  {'-' * max(len(name), 5)}"]
+    lines += [f"{row:<{width}}  {value:.3f}" for row, value in rows]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def _json_option(text: str | None, flag: str) -> dict[str, Any]:
+    """A JSON object given inline or as the path of a ``.json`` file."""
+    if not text:
+        return {}
+    path = Path(text)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{flag}: not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag}: expected a JSON object, got {text!r}")
+    return value
+
+
+def _record_check(kind: str) -> Callable[..., None] | None:
+    spec = RECORD_CHECKS.get(kind)
+    if spec is None:
+        return None
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _check_records(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str], kind: str, source: str) -> None:
+    """Fail before sampling: GenEval rewards on prompts without clauses, or clauses the backbone
+    family cannot draw (named by file and line of the record)."""
+    for name in reward_names:
+        if name in METADATA_REWARDS:
+            bare = [i for i, r in enumerate(records) if not isinstance(r.get("include"), list)]
+            if bare:
+                raise UsageError(
+                    f"reward {name!r} needs GenEval metadata (a jsonl with 'tag' and 'include' per prompt), "
+                    f"but {len(bare)} of the {len(records)} prompts in {source} have none "
+                    f"(first: {records[bare[0]]['prompt']!r}); choose another --reward for plain prompts"
+                )
+    check = _record_check(kind)
+    if check is not None:
+        for index, record in enumerate(records):
+            if "include" in record or "tag" in record:
+                check(record, where=f"{source}, prompt {index + 1}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dgpo_lightning.evaluate",
-        description="GenEval-style evaluation of an embedded-world model on a GenEval-format prompt file.",
+        description="Held-out evaluation of a text-to-image backbone on a prompt file, with any rewards.",
     )
-    parser.add_argument("--prompts", required=True, help="GenEval-format jsonl prompt file")
-    parser.add_argument("--model", default=None, help="world checkpoint directory (default: the shipped base)")
+    parser.add_argument("--prompts", required=True, help="prompt file: GenEval-format .jsonl or plain text (one prompt a line)")
+    parser.add_argument("--backbone", default="world", help="backbone kind: world (default), sd3, or a registered one")
+    parser.add_argument("--model", default=None, help="checkpoint / pipeline directory (world default: the shipped base)")
+    parser.add_argument("--backbone-options", default=None, help='JSON object of backbone options, e.g. \'{"resolution": 512}\'')
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory exported by training (<run>/final/adapter)")
+    parser.add_argument("--device", default=None, help="device to evaluate on (default: where the backbone loads, the CPU)")
+    parser.add_argument(
+        "--reward", action="append", default=None, metavar="NAME", help="reward to score with (repeatable; default: geneval)"
+    )
+    parser.add_argument(
+        "--reward-options", default=None, help='JSON object {reward: {option: value}}, e.g. \'{"clip_score": {"model_path": "/m/clip"}}\''
+    )
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images sampled per prompt (default 4)")
     parser.add_argument(
         "--min-images-per-task", type=int, default=0, help="more images per prompt for tasks with few prompts (default 0: off)"
     )
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
-    parser.add_argument("--out", required=True, help="where to write the result JSON")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ode_dpm", "ode_euler", "sde"))
+    parser.add_argument("--out", required=True, help="where to write the result JSON (the grid goes next to it as .png)")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
     parser.add_argument("--num-steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--shift", type=float, default=None, help="schedule shift (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--noise-level", type=float, default=0.7, help="the SDE sampler's noise level a")
+    parser.add_argument("--batch-size", type=int, default=64, help="images sampled and scored at once (numbers do not change)")
+    parser.add_argument("--grid-per-task", type=int, default=4, help="images per task row of the grid (default 4)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
 
-    try:
-        records = load_prompts(args.prompts)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"error: {error}\n")
-    from dgpo_lightning.world.backbone import load_backbone
 
+def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
+    """Load, evaluate and write; user errors raise :class:`UsageError`."""
+    from dgpo_lightning.data.prompts import load_prompt_records
+    from dgpo_lightning.models.factory import load_backbone
+    from dgpo_lightning.rewards.base import build
+
+    if args.backbone != "world" and not args.model:
+        raise UsageError(f"--backbone {args.backbone} needs --model PATH (a local pipeline directory or cached hub id)")
+    if args.backbone != "world" and not args.reward:
+        # The default GenEval reads images with the embedded world's detector: meaningless elsewhere.
+        raise UsageError(f"--backbone {args.backbone}: name the reward(s) with --reward NAME")
+    reward_names = list(dict.fromkeys(args.reward or ["geneval"]))
+    reward_options = _json_option(args.reward_options, "--reward-options")
+    unused = sorted(set(reward_options) - set(reward_names))
+    if unused:
+        raise UsageError(f"--reward-options names reward(s) {unused} that no --reward asks for")
     try:
-        backbone = load_backbone(args.model)
-    except FileNotFoundError as error:
-        parser.exit(2, f"error: {error}\n")
-    result = evaluate_backbone(
-        backbone,
-        records,
-        images_per_prompt=args.images_per_prompt,
-        min_images_per_task=args.min_images_per_task,
-        seed=args.seed,
-        sampler=args.sampler,
-        num_steps=args.num_steps,
-        shift=args.shift,
-        guidance_scale=args.guidance_scale,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+        settings = SamplerSettings(
+            args.sampler, args.num_steps, args.shift, args.guidance_scale, noise_level=args.noise_level
+        )
+        records = load_prompt_records(args.prompts)
+        _check_records(records, reward_names, args.backbone, args.prompts)
+        rewards = {name: build(name, **dict(reward_options.get(name) or {})) for name in reward_names}
+        backbone = load_backbone(args.backbone, args.model, **_json_option(args.backbone_options, "--backbone-options"))
+        if args.device:
+            backbone = backbone.to(args.device)
+        if args.adapter:
+            from dgpo_lightning.models.lora import load_adapter
+
+            load_adapter(backbone, args.adapter)
+        backbone.eval()
+    except (ValueError, FileNotFoundError, OSError, TypeError) as error:
+        # TypeError: an option the backbone or a reward does not take.
+        raise UsageError(str(error)) from error
+    try:
+        result = evaluate(
+            backbone,
+            records,
+            rewards,
+            settings,
+            images_per_prompt=args.images_per_prompt,
+            min_images_per_task=args.min_images_per_task,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            examples_per_task=args.grid_per_task,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        # Rewards load their weights on first call: a missing model path surfaces here.
+        raise UsageError(str(error)) from error
+    primary = result.summary[reward_names[0]]
+    resolved = result.settings
+    output = {
+        **primary,
+        "rewards": result.summary,
+        "run": {
+            "prompts": str(args.prompts),
+            "backbone": args.backbone,
+            "model": args.model,
+            "adapter": args.adapter,
+            "seed": args.seed,
+            "images_per_prompt": args.images_per_prompt,
+            "min_images_per_task": args.min_images_per_task,
+            "images": len(result.prompts),
+            "sampler": resolved.sampler,
+            "num_steps": resolved.num_steps,
+            "shift": resolved.shift,
+            "guidance_scale": resolved.guidance_scale,
+            **({"noise_level": resolved.noise_level} if resolved.stochastic else {}),
+        },
+        "per_image": result.per_image(),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+    if result.examples is not None:
+        save_grid(result.examples, out.with_suffix(".png"), per_task=args.grid_per_task, reward=reward_names[0])
+    return result, output
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the command line; returns the written JSON as a dict (exits with status 2 on a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result, output = run(args)
+    except UsageError as error:
+        parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")
     per_task = f", at least {args.min_images_per_task} per task" if args.min_images_per_task else ""
+    model = args.model or ("shipped base" if args.backbone == "world" else "")
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
     print(
-        f"{len(records)} prompts x {args.images_per_prompt} images{per_task}, seed {args.seed}, "
-        f"model {args.model or 'shipped base'}"
+        f"{len(set(result.record_index))} prompts x {args.images_per_prompt} images{per_task}, seed {args.seed}, "
+        f"{args.backbone} model {model}{adapter}"
     )
-    print(format_table(result))
-    print(f"written to {out}")
-    return result
+    for name, summary in result.summary.items():
+        print(format_table(summary, name))
+    out = Path(args.out)
+    print(f"written to {out}" + (f" and {out.with_suffix('.png')}" if result.examples is not None else ""))
+    return output
 
 
 if __name__ == "__main__":

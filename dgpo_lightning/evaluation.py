@@ -1,36 +1,439 @@
 """Held-out evaluation: plan → sample → decode → score → aggregate → grid.
 
-Used by Lightning's validation/test loops and by ``python -m dgpo_lightning.evaluate`` alike.
+One pipeline for ``python -m dgpo_lightning.evaluate``, Lightning's validation/test loops
+(``DGPOModule``) and the world's pretraining, so all three report the same numbers for the same
+plan. Plain torch, torchmetrics (:class:`HeldOutMetrics`) and matplotlib (the grid); no Lightning.
+
+Conventions: an image's *task* is its prompt record's GenEval ``tag`` (``""`` when it has none);
+a reward's ``overall`` is the unweighted mean of its task scores when the images have tasks
+(GenEval's rule, so a task with many prompts does not dominate) and the plain mean otherwise.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dgpo_lightning.sampling.seeds import member_seeds
+import torch
+from torch import Tensor, nn
+
+from dgpo_lightning.rewards.base import Reward, check_scores
+from dgpo_lightning.sampling.seeds import evaluation_plan, member_seeds
+from dgpo_lightning.sampling.settings import SamplerSettings
+
+#: Key of a reward's headline number in summaries.
+OVERALL = "overall"
 
 
-def evaluation_plan(
-    records: Sequence[Mapping[str, Any]], seed: int, images_per_prompt: int, min_images_per_task: int = 0
-) -> list[tuple[int, int]]:
-    """``(record index, image seed)`` of every held-out image, prompt by prompt.
+def task_of(record: Mapping[str, Any]) -> str:
+    """The task of a prompt record: its GenEval ``tag``, ``""`` for a plain prompt."""
+    return str(record.get("tag", ""))
 
-    Prompt ``i`` of task ``τ`` (its GenEval ``tag``) gets
-    ``n_i = max(images_per_prompt, ceil(min_images_per_task / |prompts of τ|))`` images, so a task
-    with few prompts is not scored from a handful of images; image ``j`` is seeded by
-    ``(seed, i, j)`` (:func:`~dgpo_lightning.sampling.seeds.member_seeds`), so raising ``n_i`` only
-    adds images.
+
+# --------------------------------------------------------------------------- sample and score
+
+
+@torch.no_grad()
+def generate_images(
+    backbone: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: SamplerSettings = SamplerSettings(),
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Tensor:
+    """One image per ``(prompt, seed)``: ``[N, 3, H, W]`` in ``[0, 1]`` on the backbone's device.
+
+    Noise is seeded per image, so the images do not depend on ``batch_size`` (which also bounds
+    how many latents are decoded at once). Unresolved ``settings`` take the backbone's defaults.
     """
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-    if min_images_per_task < 0:
-        raise ValueError(f"min_images_per_task must be >= 0, got {min_images_per_task}")
-    tags = [str(record.get("tag", "")) for record in records]
-    prompts_per_task = collections.Counter(tags)
-    plan = []
+    from dgpo_lightning.data.rollout import sample_latents
+
+    latents = sample_latents(
+        backbone, list(prompts), list(seeds), settings, batch_size=batch_size, progress=progress, description="evaluate"
+    ).sample
+    return torch.cat([backbone.decode(latents[start : start + batch_size]) for start in range(0, latents.shape[0], batch_size)])
+
+
+def score_images(
+    rewards: Mapping[str, Reward],
+    images: Tensor,
+    prompts: Sequence[str],
+    records: Sequence[Mapping[str, Any] | None] | None = None,
+    *,
+    batch_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Each reward's scores ``[N]`` (CPU float32) of ``images [N, 3, H, W]`` in ``[0, 1]``.
+
+    ``records`` (the prompt records, e.g. GenEval metadata) go to the rewards as their
+    ``metadata``; ``batch_size`` images per reward call (default: all). Errors name the reward:
+    a wrong shape or a non-finite score (:func:`~dgpo_lightning.rewards.base.check_scores`), or a
+    ``ValueError`` the reward raised itself (e.g. GenEval without metadata).
+    """
+    count = images.shape[0]
+    if len(prompts) != count or (records is not None and len(records) != count):
+        raise ValueError(f"{count} images but {len(prompts)} prompts and {len(records or [])} records")
+    size = batch_size or max(count, 1)
+    out = {}
+    for name, reward in rewards.items():
+        parts = []
+        for start in range(0, count, size):
+            chunk = slice(start, start + size)
+            metadata = list(records[chunk]) if records is not None else None
+            try:
+                scores = reward(images[chunk], list(prompts[chunk]), metadata)
+            except ValueError as error:
+                if repr(name) in str(error):
+                    raise
+                raise ValueError(f"reward {name!r}: {error}") from error
+            parts.append(check_scores(name, scores, images[chunk].shape[0]))
+        out[name] = torch.cat(parts) if parts else torch.zeros(0)
+    return out
+
+
+def summarize_scores(scores: Tensor | Sequence[float], tags: Sequence[str]) -> dict[str, float]:
+    """``{"overall": ..., <task>: mean score}`` of one reward over images with tasks ``tags``.
+
+    Tasks appear in order of first appearance; ``""`` (no task) is not a task. ``overall`` is the
+    unweighted mean of the task scores, or the plain mean when no image has a task. Sums run in
+    Python floats (float64), so 0/1 GenEval verdicts give exact fractions.
+    """
+    values = [float(v) for v in (scores.tolist() if isinstance(scores, Tensor) else scores)]
+    if len(values) != len(tags):
+        raise ValueError(f"{len(values)} scores but {len(tags)} tags")
+    if not values:
+        raise ValueError("nothing to summarize: no images")
+    by_task: dict[str, list[float]] = {}
+    for tag, value in zip(tags, values):
+        if tag:
+            by_task.setdefault(tag, []).append(value)
+    per_task = {tag: sum(v) / len(v) for tag, v in by_task.items()}
+    overall = sum(per_task.values()) / len(per_task) if per_task else sum(values) / len(values)
+    return {OVERALL: overall, **per_task}
+
+
+# --------------------------------------------------------------------------- distributed aggregates
+
+
+def _metric_key(*parts: str) -> str:
+    # ModuleDict keys may not contain dots; slashes are kept readable as "__".
+    return "__".join(parts).replace("/", "__").replace(".", "_")
+
+
+class HeldOutMetrics(nn.Module):
+    """Per-(reward, task) means accumulated over batches and synchronised across ranks.
+
+    All ``MeanMetric``s are created up front, one per reward for ``overall`` and one per
+    ``(reward, task)``: every rank must own the same metrics for torchmetrics' cross-rank sync,
+    whatever prompts its shard holds. Register it on the LightningModule (so it follows the
+    device) and call :meth:`update` per batch, :meth:`compute` at the epoch's end.
+
+    Args:
+        reward_names: the rewards that will be scored.
+        tags: every task of the held-out prompts (``""`` is dropped: plain prompts have no task).
+    """
+
+    def __init__(self, reward_names: Sequence[str], tags: Sequence[str]):
+        super().__init__()
+        from torchmetrics import MeanMetric
+
+        self.reward_names = list(dict.fromkeys(reward_names))
+        self.tags = [str(t) for t in dict.fromkeys(tags) if str(t)]
+        keys = [_metric_key(name, tag) for name in self.reward_names for tag in ("", *self.tags)]
+        self.metrics = nn.ModuleDict({key: MeanMetric(nan_strategy="error") for key in keys})
+
+    def _metric(self, name: str, tag: str = ""):
+        return self.metrics[_metric_key(name, tag)]
+
+    @torch.no_grad()
+    def update(self, scores_by_reward: Mapping[str, Tensor], tags: Sequence[str]) -> None:
+        """Add one batch: ``scores_by_reward[name]`` is ``[B]`` for every reward, ``tags`` the ``B``
+        images' tasks (tasks not given at construction count only towards ``overall``)."""
+        missing = [name for name in self.reward_names if name not in scores_by_reward]
+        if missing:
+            raise KeyError(f"no scores for reward(s) {missing}; got {sorted(scores_by_reward)}")
+        present = [tag for tag in dict.fromkeys(tags) if tag in self.tags]
+        for name in self.reward_names:
+            metric = self._metric(name)
+            scores = scores_by_reward[name].detach().float().to(metric.device)
+            if scores.shape != (len(tags),):
+                raise ValueError(f"reward {name!r}: {tuple(scores.shape)} scores for {len(tags)} tags")
+            metric.update(scores)
+            for tag in present:
+                mask = torch.tensor([t == tag for t in tags], device=scores.device)
+                self._metric(name, tag).update(scores[mask])
+
+    def compute(self) -> dict[str, float]:
+        """``{"eval/<reward>": overall, "eval/<reward>/<task>": mean}`` (all ranks), then reset.
+
+        A task no rank has seen is left out; a reward with no image at all too.
+        """
+        import torch.distributed as dist
+
+        # A metric without local updates still takes part in the sync when other ranks may have some.
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        results: dict[str, float] = {}
+        for name in self.reward_names:
+            per_task = {}
+            for tag in self.tags:
+                metric = self._metric(name, tag)
+                if metric.update_count > 0 or distributed:
+                    value = metric.compute()
+                    if torch.isfinite(value):
+                        per_task[tag] = float(value)
+            overall = self._metric(name)
+            if overall.update_count > 0 or distributed:
+                mean = float(overall.compute())
+                if math.isfinite(mean):
+                    results[f"eval/{name}"] = sum(per_task.values()) / len(per_task) if per_task else mean
+                    results.update({f"eval/{name}/{tag}": value for tag, value in per_task.items()})
+        self.reset()
+        return results
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+
+# --------------------------------------------------------------------------- grid examples
+
+
+class TaskExamples:
+    """A few images per task for the grid, gathered batch by batch (CPU copies).
+
+    Per task it keeps the first ``per_task`` images of distinct prompts (then repeats of a
+    prompt, if the task has fewer prompts), so a task's row shows what the task asks for rather
+    than ``per_task`` samples of its first prompt.
+    """
+
+    def __init__(self, per_task: int = 4):
+        if per_task < 1:
+            raise ValueError(f"per_task must be >= 1, got {per_task}")
+        self.per_task = per_task
+        self._distinct: dict[str, list[tuple]] = {}
+        self._repeats: dict[str, list[tuple]] = {}
+
+    def add(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        tags: Sequence[str] | None,
+        scores_by_reward: Mapping[str, Tensor],
+    ) -> "TaskExamples":
+        """Offer a batch: ``images [B, 3, H, W]``, its prompts, tasks (``None``: one row) and scores."""
+        tags = list(tags) if tags is not None else [""] * len(prompts)
+        for i, (prompt, tag) in enumerate(zip(prompts, tags)):
+            distinct = self._distinct.setdefault(tag, [])
+            repeats = self._repeats.setdefault(tag, [])
+            new_prompt = all(entry[1] != prompt for entry in distinct)
+            target = distinct if new_prompt else repeats
+            if len(target) < self.per_task:
+                scores = {name: float(values[i]) for name, values in scores_by_reward.items()}
+                target.append((images[i].detach().float().cpu(), prompt, tag, scores))
+        return self
+
+    def result(self) -> dict[str, Any] | None:
+        """``{"images": [K, 3, H, W], "prompts": [K], "tags": [K], "scores": {name: [K]}}``, tasks
+        in order of first appearance; ``None`` before any image was added."""
+        entries = [
+            entry
+            for tag, distinct in self._distinct.items()
+            for entry in (distinct + self._repeats[tag])[: self.per_task]
+        ]
+        if not entries:
+            return None
+        names = list(entries[0][3])
+        return {
+            "images": torch.stack([e[0] for e in entries]),
+            "prompts": [e[1] for e in entries],
+            "tags": [e[2] for e in entries],
+            "scores": {name: torch.tensor([e[3][name] for e in entries]) for name in names},
+        }
+
+
+def task_grid(examples: Mapping[str, Any], *, per_task: int = 4, reward: str | None = None, max_rows: int = 12):
+    """A matplotlib ``Figure``: one row per task, ``per_task`` images each, titled prompt + score.
+
+    Args:
+        examples: ``{"images": [K, 3, H, W] in [0, 1], "prompts": [K], "scores": {name: [K]}}`` with
+            optional ``"tags": [K]`` (absent: one row of the first ``per_task`` images).
+        per_task: images per row (the first ones of each task, in the given order).
+        reward: the score shown (default: the first in ``examples["scores"]``).
+        max_rows: at most this many tasks are drawn.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
+
+    images, prompts = examples["images"], list(examples["prompts"])
+    scores = examples.get("scores") or {}
+    reward = reward if reward is not None else next(iter(scores), None)
+    tags = list(examples.get("tags") or [""] * len(prompts))
+    rows: dict[str, list[int]] = {}
     for index, tag in enumerate(tags):
-        count = max(images_per_prompt, math.ceil(min_images_per_task / prompts_per_task[tag]))
-        plan += [(index, image_seed) for image_seed in member_seeds(seed, [index], count)]
-    return plan
+        row = rows.setdefault(tag, [])
+        if len(row) < per_task:
+            row.append(index)
+    rows = dict(list(rows.items())[:max_rows])
+    columns = max((len(r) for r in rows.values()), default=1)
+    figure = Figure(figsize=(2.0 * columns + 0.6, 2.3 * max(len(rows), 1)))
+    axes = figure.subplots(max(len(rows), 1), columns, squeeze=False)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+    for r, (tag, indices) in enumerate(rows.items()):
+        axes[r][0].set_ylabel(tag or "prompts", fontsize=9)
+        for c, index in enumerate(indices):
+            axis = axes[r][c]
+            axis.imshow(images[index].detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            title = prompts[index].removeprefix("a photo of ")
+            if reward is not None:
+                title += f"\n{reward}={float(scores[reward][index]):.2f}"
+            axis.set_title(title, fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def save_grid(examples: Mapping[str, Any], path: str | Path, *, dpi: int = 100, **options: Any) -> Path:
+    """Write :func:`task_grid` of ``examples`` to ``path`` (PNG); ``options`` go to it. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    task_grid(examples, **options).savefig(path, dpi=dpi)
+    return path
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        summary: per reward ``{"overall": ..., <task>: ...}`` (:func:`summarize_scores`).
+        scores: per reward, ``[N]`` scores of the ``N`` planned images (CPU float32).
+        prompts, tags, record_index, seeds: per image, in plan order.
+        examples: a few images per task for :func:`task_grid` (see :class:`TaskExamples`).
+        settings: the resolved sampler settings.
+    """
+
+    summary: dict[str, dict[str, float]]
+    scores: dict[str, Tensor]
+    prompts: list[str]
+    tags: list[str]
+    record_index: list[int]
+    seeds: list[int]
+    examples: dict[str, Any] | None
+    settings: SamplerSettings
+
+    def per_image(self) -> list[dict[str, Any]]:
+        """One JSON-ready row per image: record index, prompt, task, seed and every score."""
+        return [
+            {
+                "record": self.record_index[i],
+                "prompt": self.prompts[i],
+                "tag": self.tags[i],
+                "seed": self.seeds[i],
+                **{name: float(values[i]) for name, values in self.scores.items()},
+            }
+            for i in range(len(self.prompts))
+        ]
+
+
+def warn_unknown_words(backbone: Any, prompts: Sequence[str]) -> None:
+    """Warn about prompt words a closed-vocabulary text encoder (the world's) encodes as ``[unk]``."""
+    encoder = getattr(backbone, "text_encoder", None)
+    if encoder is None or not hasattr(encoder, "unknown_words"):
+        return
+    unknown = sorted({word for prompt in prompts for word in encoder.unknown_words(prompt)})
+    if unknown:
+        warnings.warn(f"words outside the model's vocabulary are encoded as [unk]: {', '.join(unknown)}", stacklevel=3)
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: Any,
+    records: Sequence[Mapping[str, Any]],
+    rewards: Mapping[str, Reward],
+    settings: SamplerSettings = SamplerSettings(),
+    *,
+    images_per_prompt: int = 4,
+    min_images_per_task: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+    examples_per_task: int = 4,
+    progress: bool = False,
+) -> EvalResult:
+    """Plan, sample, decode and score held-out images; aggregate per reward and task.
+
+    Args:
+        backbone: anything with the :class:`~dgpo_lightning.models.backbone.Backbone` protocol.
+        records: prompt records (``{"prompt": ...}``, GenEval ones with ``tag``/``include``); they
+            reach the rewards as metadata.
+        rewards: the rewards by name (e.g. ``{"geneval": rewards.build("geneval")}``).
+        settings: sampler settings (unresolved fields: the backbone's defaults).
+        images_per_prompt, min_images_per_task, seed: the plan (:func:`evaluation_plan`).
+        batch_size: images sampled, decoded and scored at once (does not change the numbers).
+        examples_per_task: images per task kept for the grid.
+        progress: a tqdm bar over the batches.
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("no prompts to evaluate")
+    if not rewards:
+        raise ValueError("no rewards to evaluate with")
+    settings = settings.resolve(backbone)
+    warn_unknown_words(backbone, [str(r["prompt"]) for r in records])
+    plan = evaluation_plan(records, seed, images_per_prompt, min_images_per_task)
+    chosen = [records[index] for index, _ in plan]
+    prompts = [str(r["prompt"]) for r in chosen]
+    tags = [task_of(r) for r in chosen]
+    seeds = [image_seed for _, image_seed in plan]
+    examples = TaskExamples(examples_per_task)
+    parts: dict[str, list[Tensor]] = {name: [] for name in rewards}
+    starts = range(0, len(plan), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch", leave=False)
+    # Batch by batch, so only one batch of images is ever held (SD3 at 512 px: 3 MB an image).
+    for start in starts:
+        chunk = slice(start, start + batch_size)
+        images = generate_images(backbone, prompts[chunk], seeds[chunk], settings, batch_size=batch_size)
+        scores = score_images(rewards, images, prompts[chunk], chosen[chunk])
+        for name, values in scores.items():
+            parts[name].append(values)
+        examples.add(images, prompts[chunk], tags[chunk], scores)
+    scores = {name: torch.cat(values) for name, values in parts.items()}
+    return EvalResult(
+        summary={name: summarize_scores(values, tags) for name, values in scores.items()},
+        scores=scores,
+        prompts=prompts,
+        tags=tags,
+        record_index=[index for index, _ in plan],
+        seeds=seeds,
+        examples=examples.result(),
+        settings=settings,
+    )
+
+
+__all__ = [
+    "OVERALL",
+    "EvalResult",
+    "HeldOutMetrics",
+    "TaskExamples",
+    "evaluate",
+    "evaluation_plan",
+    "generate_images",
+    "save_grid",
+    "score_images",
+    "summarize_scores",
+    "task_grid",
+    "task_of",
+    "warn_unknown_words",
+]

@@ -1,13 +1,18 @@
-"""``python -m dgpo_lightning.evaluate``: result keys, determinism, validation of unknown classes/colours."""
+"""``python -m dgpo_lightning.evaluate``: the world's GenEval result (shipped base, non-trivial
+numbers, checked against the pipeline called directly), any backbone (a tiny SD3 pipeline on disk,
+with and without a LoRA adapter exported by training) with a CLIP-family reward on plain-text
+prompts, and user errors as one ``error:`` line with exit status 2."""
 
 import json
 
 import pytest
 import torch
 
-from dgpo_lightning.data.rollout import evaluation_plan
-from dgpo_lightning.evaluate import evaluate_backbone, main
-from dgpo_lightning.world.backbone import load_backbone, tiny_backbone
+from dgpo_lightning.evaluate import main
+from dgpo_lightning.evaluation import evaluate
+from dgpo_lightning.rewards.base import build
+from dgpo_lightning.sampling.settings import SamplerSettings
+from dgpo_lightning.world.backbone import load_backbone
 from dgpo_lightning.world.scene import TAGS, load_prompts, prompt_file
 
 TEST_RECORDS = load_prompts(prompt_file("test"))
@@ -25,69 +30,62 @@ def _write(path, records):
     return path
 
 
-def test_cli_writes_overall_and_task_scores(tmp_path, tiny_world_path, capsys):
+def _user_error(capsys, argv):
+    """Run the CLI expecting a user error: exit status 2 and one ``error: ...`` line."""
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1, message
+    return message
+
+
+# --------------------------------------------------------------------------- the world
+
+
+def test_world_cli_on_the_shipped_base_matches_the_pipeline(tmp_path, capsys):
     prompts = _write(tmp_path / "p.jsonl", _one_per_task())
     out = tmp_path / "result" / "r.json"
-    main(["--prompts", str(prompts), "--model", str(tiny_world_path), "--images-per-prompt", "2", "--seed", "3",
+    main(["--prompts", str(prompts), "--images-per-prompt", "1", "--min-images-per-task", "6", "--seed", "3",
           "--out", str(out), "--no-progress"])
     result = json.loads(out.read_text())
-    assert set(result) == {"overall", *TAGS}
-    assert all(0.0 <= v <= 1.0 for v in result.values())
+    assert set(result) == {"overall", *TAGS, "rewards", "run", "per_image"}
+    assert 0.0 < result["overall"] < 1.0 and len({result[t] for t in TAGS}) > 2  # not all zero, not all equal
     assert result["overall"] == pytest.approx(sum(result[t] for t in TAGS) / len(TAGS))
+    assert result["rewards"]["geneval"] == {k: result[k] for k in ["overall", *TAGS]}
+    assert result["run"]["images"] == len(result["per_image"]) == 36 and result["run"]["guidance_scale"] == 1.0
     printed = capsys.readouterr().out
-    assert "overall" in printed and "color_attr" in printed
+    assert "at least 6 per task" in printed and "color_attr" in printed and "overall" in printed
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    direct = evaluate(load_backbone(), _one_per_task(), {"geneval": build("geneval")}, images_per_prompt=1,
+                      min_images_per_task=6, seed=3)
+    assert result["rewards"]["geneval"] == direct.summary["geneval"]
+    assert [row["geneval"] for row in result["per_image"]] == direct.scores["geneval"].tolist()
+    for tag in TAGS:  # the per-task scores are the means of the per-image verdicts
+        rows = [row["geneval"] for row in result["per_image"] if row["tag"] == tag]
+        assert len(rows) == 6 and result[tag] == sum(rows) / 6
 
 
 def test_only_the_tasks_present_are_reported(tmp_path, tiny_world_path):
     records = [r for r in TEST_RECORDS if r["tag"] in ("counting", "position")][:3]
     out = tmp_path / "r.json"
     main(["--prompts", str(_write(tmp_path / "p.jsonl", records)), "--model", str(tiny_world_path),
-          "--images-per-prompt", "1", "--out", str(out), "--no-progress"])
+          "--images-per-prompt", "1", "--num-steps", "2", "--out", str(out), "--no-progress"])
     result = json.loads(out.read_text())
-    assert set(result) == {"overall"} | {r["tag"] for r in records}
+    assert set(result["rewards"]["geneval"]) == {"overall"} | {r["tag"] for r in records}
 
 
-def test_same_seed_same_numbers_and_batching_does_not_matter():
-    torch.manual_seed(0)
-    backbone = tiny_backbone().eval()
-    records = _one_per_task()[:3]
-    kwargs = dict(images_per_prompt=2, progress=False, num_steps=3)
-    a = evaluate_backbone(backbone, records, seed=5, batch_size=64, **kwargs)
-    b = evaluate_backbone(backbone, records, seed=5, batch_size=1, **kwargs)
-    assert a == b
-    # The seeds really are per image: distinct within a run, different across evaluation seeds.
-    seeds = [seed for _, seed in evaluation_plan(records, 5, 2)]
-    assert len(set(seeds)) == len(seeds) and seeds != [seed for _, seed in evaluation_plan(records, 6, 2)]
-    more_prompts = evaluation_plan(records + _one_per_task()[3:], 5, 2)
-    assert [seed for _, seed in more_prompts][: len(seeds)] == seeds  # more prompts keep the first ones' images
-
-
-def test_evaluation_plan_tops_up_tasks_with_few_prompts():
-    records = [r for r in TEST_RECORDS if r["tag"] in ("two_object", "color_attr")]
-    n_two, n_attr = (sum(r["tag"] == tag for r in records) for tag in ("two_object", "color_attr"))
-    assert n_two < 10 < n_attr
-    plan = evaluation_plan(records, 5, images_per_prompt=2, min_images_per_task=20)
-    per_prompt = [sum(index == i for index, _ in plan) for i in range(len(records))]
-    for record, count in zip(records, per_prompt):
-        expected = max(2, -(-20 // (n_two if record["tag"] == "two_object" else n_attr)))  # ceil
-        assert count == expected
-    # every task has at least 20 images, and topping up only adds images
-    for tag in ("two_object", "color_attr"):
-        assert sum(c for r, c in zip(records, per_prompt) if r["tag"] == tag) >= 20
-    assert set(evaluation_plan(records, 5, 2)) <= set(plan)
-    with pytest.raises(ValueError, match="min_images_per_task"):
-        evaluation_plan(records, 5, 2, -1)
-
-
-def test_min_images_per_task_scores_the_topped_up_plan(tmp_path, tiny_world_path, capsys):
-    records = _one_per_task()
+def test_plain_prompts_on_the_world_with_another_reward(tmp_path, tiny_world_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\na photo of two squares\n")
     out = tmp_path / "r.json"
-    main(["--prompts", str(_write(tmp_path / "p.jsonl", records)), "--model", str(tiny_world_path),
-          "--images-per-prompt", "1", "--min-images-per-task", "3", "--num-steps", "2", "--out", str(out), "--no-progress"])
-    assert "at least 3 per task" in capsys.readouterr().out
-    backbone = load_backbone(str(tiny_world_path))
-    direct = evaluate_backbone(backbone, records, images_per_prompt=3, num_steps=2, progress=False)
-    assert json.loads(out.read_text()) == pytest.approx(direct)  # one prompt per task: 3 images each
+    main(["--prompts", str(prompts), "--model", str(tiny_world_path), "--reward", "test_brightness",
+          "--images-per-prompt", "2", "--num-steps", "2", "--out", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    scores = [row["test_brightness"] for row in result["per_image"]]
+    assert len(set(scores)) == 4 and result["overall"] == pytest.approx(sum(scores) / 4)
+    assert set(result["rewards"]["test_brightness"]) == {"overall"}  # plain prompts: no tasks
 
 
 def test_shipped_base_knows_shapes_and_colours_but_draws_them_unreliably():
@@ -95,10 +93,11 @@ def test_shipped_base_knows_shapes_and_colours_but_draws_them_unreliably():
     without guidance it is often wrong; with CFG 2 the same model is right far more often."""
     records = [r for r in TEST_RECORDS if r["tag"] in ("single_object", "colors")]
     backbone = load_backbone()
-    plain = evaluate_backbone(backbone, records, images_per_prompt=4, seed=0, progress=False)
-    guided = evaluate_backbone(backbone, records, images_per_prompt=4, seed=0, guidance_scale=2.0, progress=False)
+    rewards = {"geneval": build("geneval")}
+    plain = evaluate(backbone, records, rewards, images_per_prompt=4, seed=0).summary["geneval"]
+    guided = evaluate(backbone, records, rewards, SamplerSettings(guidance_scale=2.0), images_per_prompt=4, seed=0)
     assert plain["overall"] <= 0.6
-    assert guided["overall"] >= plain["overall"] + 0.15
+    assert guided.summary["geneval"]["overall"] >= plain["overall"] + 0.15
 
 
 @pytest.mark.parametrize(
@@ -108,11 +107,127 @@ def test_shipped_base_knows_shapes_and_colours_but_draws_them_unreliably():
 def test_unknown_class_or_colour_is_rejected_by_name(tmp_path, clause, name, capsys):
     record = {"tag": "single_object", "include": [clause], "prompt": f"a photo of a {name}"}
     prompts = _write(tmp_path / "bad.jsonl", [TEST_RECORDS[0], record])
-    with pytest.raises(SystemExit) as error:
-        main(["--prompts", str(prompts), "--out", str(tmp_path / "r.json"), "--no-progress"])
-    assert error.value.code != 0
-    message = capsys.readouterr().err
-    assert name in message and "bad.jsonl:2" in message
+    message = _user_error(capsys, ["--prompts", str(prompts), "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert name in message and "bad.jsonl, prompt 2" in message
     assert not (tmp_path / "r.json").exists()
-    with pytest.raises(ValueError, match=name):
-        evaluate_backbone(tiny_backbone(), [record], progress=False)
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, tiny_world_path, capsys):
+    out = str(tmp_path / "r.json")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a red cube\na blue sphere\n")
+    message = _user_error(capsys, ["--prompts", str(plain), "--out", out])  # geneval needs clauses
+    assert "'geneval' needs GenEval metadata" in message and "plain.txt" in message
+    assert "not valid JSON" not in message
+    good = str(_write(tmp_path / "p.jsonl", _one_per_task()[:1]))
+    cases = [
+        (["--prompts", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+        (["--prompts", good, "--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
+        (["--prompts", good, "--adapter", str(tmp_path / "no_adapter")], "no_adapter does not exist"),
+        (["--prompts", good, "--adapter", str(tmp_path)], "no LoRA adapter in"),
+        (["--prompts", good, "--model", str(tmp_path)], "not a world backbone checkpoint"),
+        (["--prompts", good, "--backbone", "nope", "--model", "x", "--reward", "test_brightness"], "unknown backbone 'nope'"),
+        (["--prompts", good, "--backbone", "sd3"], "--backbone sd3 needs --model PATH"),
+        (["--prompts", good, "--backbone", "sd3", "--model", str(tmp_path)], "--reward NAME"),
+        (["--prompts", good, "--backbone", "sd3", "--model", str(tmp_path), "--reward", "test_brightness"],
+         "model_index.json is missing"),
+        (["--prompts", good, "--reward-options", "{bad"], "--reward-options: not valid JSON"),
+        (["--prompts", good, "--reward-options", '{"clip_score": {}}'], "no --reward asks for"),
+        (["--prompts", str(plain), "--reward", "clip_score"], "clip_score: pass model_path"),
+        (["--prompts", good, "--model", str(tiny_world_path), "--num-steps", "0"], "num_steps"),
+    ]
+    for argv, expected in cases:
+        assert expected in _user_error(capsys, [*argv, "--out", out, "--no-progress"]), argv
+    assert not (tmp_path / "r.json").exists()
+
+
+# --------------------------------------------------------------------------- SD3 with a CLIP reward
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory):
+    """A tiny SD3 pipeline on disk, a tiny CLIP, plain-text prompts and a LoRA adapter written by
+    the training export (two DGPO steps, then ``export_model`` as ``ExportTrained`` does)."""
+    import lightning as L
+
+    from dgpo_lightning.callbacks.export import export_model
+    from dgpo_lightning.data.datamodule import RolloutDataModule
+    from dgpo_lightning.models.testing import build_tiny_sd3, save_tiny_clip
+    from dgpo_lightning.module import DGPOModule
+
+    root = tmp_path_factory.mktemp("sd3_eval")
+    build_tiny_sd3(seed=0).save_pretrained(root / "sd3")
+    clip = save_tiny_clip(root / "clip", seed=0, image_size=32)
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cube\na blue sphere\na photo of a cat\n")
+    torch.manual_seed(0)
+    module = DGPOModule(backbone="sd3", model_path=str(root / "sd3"), backbone_options={"resolution": 32},
+                        finetune="lora", lora_rank=4, lr=3e-2, t_min=0.5)
+    data = RolloutDataModule(train_prompts=str(prompts), group_size=2, prompts_per_rank=2, num_steps=2,
+                             rewards={"jpeg_incompressibility": 1.0}, eval_prompts=None, progress=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, max_epochs=2, reload_dataloaders_every_n_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    export_model(module, root / "final")
+    assert (root / "final" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    return {"model": root / "sd3", "clip": clip, "prompts": prompts, "adapter": root / "final" / "adapter", "root": root}
+
+
+def _sd3_argv(run, out, *extra):
+    return ["--backbone", "sd3", "--model", str(run["model"]), "--backbone-options", '{"resolution": 32}',
+            "--prompts", str(run["prompts"]), "--reward", "pickscore",
+            "--reward-options", json.dumps({"pickscore": {"model_path": str(run["clip"])}}),
+            "--num-steps", "2", "--images-per-prompt", "2", "--seed", "7", "--batch-size", "4",
+            "--out", str(out), "--no-progress", *extra]
+
+
+def _recompute(run, adapter=None):
+    """PickScore of images sampled with ``sample_latents`` from the planned seeds, scored directly."""
+    from dgpo_lightning.data.rollout import sample_latents
+    from dgpo_lightning.models.lora import load_adapter
+    from dgpo_lightning.models.sd3 import SD3Backbone
+    from dgpo_lightning.sampling.seeds import member_seeds
+
+    backbone = SD3Backbone.from_pretrained(run["model"], resolution=32)
+    if adapter is not None:
+        load_adapter(backbone, adapter)
+    prompts = [p for p in run["prompts"].read_text().splitlines() for _ in range(2)]
+    seeds = member_seeds(7, range(3), 2)
+    images = backbone.decode(sample_latents(backbone, prompts, seeds, SamplerSettings(num_steps=2)).sample)
+    return build("pickscore", model_path=str(run["clip"]))(images, prompts)
+
+
+def test_sd3_cli_with_clip_reward_with_and_without_the_trained_adapter(sd3_run, tmp_path, capsys):
+    main(_sd3_argv(sd3_run, tmp_path / "base.json"))
+    main(_sd3_argv(sd3_run, tmp_path / "again.json"))
+    main(_sd3_argv(sd3_run, tmp_path / "tuned.json", "--adapter", str(sd3_run["adapter"])))
+    assert "+ adapter" in capsys.readouterr().out
+    base, again, tuned = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("base", "again", "tuned"))
+    scores = {name: [row["pickscore"] for row in r["per_image"]] for name, r in (("base", base), ("tuned", tuned))}
+    assert len(scores["base"]) == 6 and len(set(scores["base"])) == 6 and any(s != 0 for s in scores["base"])
+    assert base["overall"] == pytest.approx(sum(scores["base"]) / 6)
+    assert again["per_image"] == base["per_image"] and again["overall"] == base["overall"]  # reruns are identical
+    assert all(a != b for a, b in zip(scores["base"], scores["tuned"]))  # the adapter changes every image
+    assert (tmp_path / "tuned.png").is_file() and tuned["run"]["adapter"] == str(sd3_run["adapter"])
+    # The numbers are those of the reward applied by hand to independently sampled images.
+    torch.testing.assert_close(torch.tensor(scores["base"]), _recompute(sd3_run), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(scores["tuned"]), _recompute(sd3_run, sd3_run["adapter"]), rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_adapter_on_the_world_is_a_user_error(sd3_run, tmp_path, capsys):
+    good = str(_write(tmp_path / "p.jsonl", _one_per_task()[:1]))
+    message = _user_error(capsys, ["--prompts", good, "--adapter", str(sd3_run["adapter"]),
+                                   "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert "diffusers SD3 LoRA" in message
+
+
+def test_tiny_world_batching_does_not_change_the_cli_numbers(tmp_path, tiny_world_path):
+    records = _one_per_task()[:3]
+    prompts = str(_write(tmp_path / "p.jsonl", records))
+    common = ["--prompts", prompts, "--model", str(tiny_world_path), "--reward", "test_brightness",
+              "--images-per-prompt", "2", "--num-steps", "2", "--no-progress"]
+    main([*common, "--batch-size", "64", "--out", str(tmp_path / "a.json")])
+    main([*common, "--batch-size", "1", "--out", str(tmp_path / "b.json")])
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert [r["test_brightness"] for r in a["per_image"]] == pytest.approx([r["test_brightness"] for r in b["per_image"]], abs=1e-6)

@@ -1,30 +1,34 @@
-"""Held-out samples with their prompts and scores, as a figure in TensorBoard and a PNG."""
+"""Held-out samples with their prompts and scores, one row per task, in TensorBoard and as a PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from dgpo_lightning.evaluation import task_grid
+
 
 class SampleGrid(L.Callback):
-    """After each evaluation, draw the first ``max_images`` held-out samples titled by prompt and score.
+    """After each evaluation, draw the held-out examples: one row per task, ``per_task`` images each,
+    titled by prompt and score (:func:`~dgpo_lightning.evaluation.task_grid`).
 
-    Written to TensorBoard (``eval/samples``) and to ``<log_dir>/samples/step_<N>.png``. Hand-drawn with
-    matplotlib because a captioned grid is what people want to look at, and torchvision's
-    ``make_grid`` is not installable beside the CPU torch.
+    Reads ``pl_module.last_eval_examples = {"images": [K, 3, H, W], "prompts": [K], "scores":
+    {name: [K]}, "tags": [K]}`` (``"tags"`` optional: without it the examples fill one row). Written
+    to TensorBoard (``eval/samples``) and to ``<log_dir>/samples/step_<N>.png``.
     """
 
-    def __init__(self, max_images: int = 16, columns: int = 8):
-        self.max_images, self.columns = max_images, columns
+    def __init__(self, per_task: int = 4, max_rows: int = 12):
+        self.per_task, self.max_rows = per_task, max_rows
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         examples = getattr(pl_module, "last_eval_examples", None)
         if not examples or trainer.sanity_checking:
             return
-        figure = sample_figure(examples, self.max_images, self.columns)
+        figure = task_grid(examples, per_task=self.per_task, max_rows=self.max_rows)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
@@ -32,32 +36,15 @@ class SampleGrid(L.Callback):
         directory = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         figure.savefig(directory / f"step_{trainer.global_step:06d}.png", dpi=100)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
 
 
-def sample_figure(examples: dict, max_images: int = 16, columns: int = 8):
-    """A matplotlib figure of ``examples = {"images": [B,3,H,W], "prompts": [...], "scores": {name: [B]}}``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    images = examples["images"][:max_images]
-    count = images.shape[0]
-    columns = min(columns, count)
-    rows = (count + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
-    first_reward = next(iter(examples["scores"]), None)
-    for i, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if i >= count:
-            continue
-        axis.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        title = examples["prompts"][i].removeprefix("a photo of ")
-        if first_reward is not None:
-            title += f"\n{first_reward}={float(examples['scores'][first_reward][i]):.2f}"
-        axis.set_title(title, fontsize=7)
-    figure.tight_layout()
-    return figure
+def sample_figure(examples: Mapping[str, Any], max_images: int = 16, columns: int = 8):
+    """The grid of the first ``max_images`` examples, ``columns`` per task row (one row without tags)."""
+    head = {
+        "images": examples["images"][:max_images],
+        "prompts": list(examples["prompts"])[:max_images],
+        "scores": {name: values[:max_images] for name, values in (examples.get("scores") or {}).items()},
+    }
+    if examples.get("tags") is not None:
+        head["tags"] = list(examples["tags"])[:max_images]
+    return task_grid(head, per_task=columns)

@@ -285,3 +285,81 @@ def load_lora(
     for name, param in denoiser.named_parameters():
         if ".lora_" in name and f".{adapter_name}." in name:
             param.requires_grad_(trainable)
+
+
+def load_adapter(backbone: nn.Module, directory: str | Path, adapter_name: str | None = None) -> str:
+    """Apply an exported LoRA adapter (:func:`save_lora`, ``<run>/final/adapter``) for inference.
+
+    The library that wrote the format reads it back: a diffusers SD3 LoRA
+    (``pytorch_lora_weights.safetensors``) goes through ``StableDiffusion3Pipeline.load_lora_weights``
+    of the backbone's pipeline; a peft adapter (``adapter_model.safetensors`` +
+    ``adapter_config.json``) is injected with its saved ``LoraConfig`` and filled with peft's
+    ``load_peft_weights`` / ``set_peft_model_state_dict``. The adapter is active and frozen.
+
+    Args:
+        backbone: a backbone (``.denoiser``; SD3 also ``.pipeline``) or a bare denoiser.
+        directory: the adapter directory.
+        adapter_name: peft adapter name (default: ``"default"``; diffusers picks its own for SD3).
+
+    Returns:
+        The name the adapter was loaded under.
+
+    Raises:
+        FileNotFoundError: ``directory`` is missing or holds neither format.
+        ValueError: the adapter does not fit the denoiser (other architecture or targets).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    denoiser = _denoiser(backbone)
+    if (directory / _DIFFUSERS_WEIGHTS).is_file():
+        pipeline = getattr(backbone, "pipeline", None)
+        if pipeline is None or not _is_sd3_transformer(denoiser):
+            raise ValueError(
+                f"{directory} holds a diffusers SD3 LoRA ({_DIFFUSERS_WEIGHTS}) but the model is a "
+                f"{type(denoiser).__name__}, not an SD3 pipeline"
+            )
+        before = set(getattr(denoiser, "peft_config", {}) or {})
+        try:
+            pipeline.load_lora_weights(str(directory), adapter_name=adapter_name)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ValueError(f"LoRA from {directory} does not fit this SD3 transformer: {error}") from error
+        added = [name for name in denoiser.peft_config if name not in before]
+        if not added:
+            raise ValueError(f"{directory}: no LoRA weight applied to the SD3 transformer (text-encoder-only LoRA?)")
+        name = added[0]
+    elif (directory / _PEFT_WEIGHTS).is_file() and (directory / _PEFT_CONFIG).is_file():
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        name = adapter_name or DEFAULT_ADAPTER
+        config = LoraConfig.from_pretrained(str(directory))
+        config.inference_mode = True
+        try:
+            if callable(getattr(denoiser, "add_adapter", None)) and hasattr(denoiser, "_hf_peft_config_loaded"):
+                denoiser.add_adapter(config, adapter_name=name)
+            else:
+                inject_adapter_in_model(config, denoiser, adapter_name=name)
+        except ValueError as error:  # e.g. no target module of the config exists here
+            raise ValueError(f"LoRA from {directory} does not fit {type(denoiser).__name__}: {error}") from error
+        state = load_peft_weights(str(directory), device="cpu")
+        try:
+            result = set_peft_model_state_dict(denoiser, state, adapter_name=name)
+        except RuntimeError as error:  # shape mismatch: same names, other widths
+            raise ValueError(f"LoRA from {directory} does not fit {type(denoiser).__name__}: {error}") from error
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{name}." in k]
+        if unexpected or missing:
+            raise ValueError(
+                f"LoRA from {directory} does not fit {type(denoiser).__name__}: "
+                f"unexpected {unexpected[:3]}, missing {missing[:3]}"
+            )
+    else:
+        raise FileNotFoundError(
+            f"no LoRA adapter in {directory}: expected {_DIFFUSERS_WEIGHTS} (diffusers) or "
+            f"{_PEFT_WEIGHTS} + {_PEFT_CONFIG} (peft)"
+        )
+    for param_name, param in denoiser.named_parameters():
+        if ".lora_" in param_name:
+            param.requires_grad_(False)
+    return name

@@ -39,6 +39,9 @@ from typing import Any, Sequence
 
 import torch
 
+from dgpo_lightning.algo.flow import denoising_error, flow_interpolate, velocity_target
+from dgpo_lightning.models.ema import ema_update_
+from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
 from dgpo_lightning.world.scene import corrupt_metadata, load_prompts, prompt_file, random_choice, render_prompt
 
@@ -80,23 +83,13 @@ def render_batch(records: Sequence[dict], generator: torch.Generator, caption_no
     return torch.stack(images)
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``θ_ema ← decay · θ_ema + (1 − decay) · θ`` over all parameters (buffers copied)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
 def flow_matching_loss(backbone, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
     """Mean ``‖v_θ(x_t, t, c) − (ε − x0)‖²`` with ``t ~ U[0, 1]``, ``x0 = encode(images)``."""
     x0 = backbone.encode(images)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.rand(x0.shape[0], generator=generator)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-    v = backbone.velocity(x_t, t, backbone.encode_prompts(prompts))
-    return (v - (noise - x0)).pow(2).mean()
+    v = backbone.velocity(flow_interpolate(x0, noise, t), t, backbone.encode_prompts(prompts))
+    return denoising_error(v, velocity_target(x0, noise)).mean()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -166,15 +159,18 @@ def build_from_args(args: argparse.Namespace):
 
 
 def heldout_eval(model, images_per_prompt: int, seed: int, guidance_scales: Sequence[float]) -> dict[str, Any]:
-    from dgpo_lightning.evaluate import evaluate_backbone
+    """GenEval summary (``overall`` + per task) of ``model`` on the TEST prompts, per CFG scale."""
+    from dgpo_lightning.evaluation import evaluate
+    from dgpo_lightning.rewards.base import build
 
     records = load_prompts(prompt_file("test"))
+    rewards = {"geneval": build("geneval")}
     model.eval()
     out = {}
     for scale in guidance_scales:
-        out[f"cfg{scale:g}"] = evaluate_backbone(
-            model, records, images_per_prompt=images_per_prompt, seed=seed, guidance_scale=scale, progress=False
-        )
+        settings = SamplerSettings(guidance_scale=scale)
+        result = evaluate(model, records, rewards, settings, images_per_prompt=images_per_prompt, seed=seed)
+        out[f"cfg{scale:g}"] = result.summary["geneval"]
     return out
 
 
@@ -266,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         schedule.step()
         step += 1
         # Warm-up of the EMA decay (as diffusers' EMAModel): early averages do not drag the random init along.
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        ema_update_(ema.parameters(), model.parameters(), min(args.ema, (1 + step) / (10 + step)))  # the world has no buffers
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if progress is not None:
             progress.update(1)
