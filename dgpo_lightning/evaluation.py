@@ -256,7 +256,9 @@ class TaskExamples:
         }
 
 
-def task_grid(examples: Mapping[str, Any], *, per_task: int = 4, reward: str | None = None, max_rows: int = 12):
+def task_grid(
+    examples: Mapping[str, Any], *, per_task: int = 4, reward: str | None = None, max_rows: int = 12, pyplot: bool = False
+):
     """A matplotlib ``Figure``: one row per task, ``per_task`` images each, titled prompt + score.
 
     Args:
@@ -265,8 +267,10 @@ def task_grid(examples: Mapping[str, Any], *, per_task: int = 4, reward: str | N
         per_task: images per row (the first ones of each task, in the given order).
         reward: the score shown (default: the first in ``examples["scores"]``).
         max_rows: at most this many tasks are drawn.
+        pyplot: create the figure through ``matplotlib.pyplot`` (notebooks show it; the caller
+            closes it); by default a bare ``Figure``, which needs no backend and no closing.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
+    from matplotlib.figure import Figure
 
     images, prompts = examples["images"], list(examples["prompts"])
     scores = examples.get("scores") or {}
@@ -279,7 +283,13 @@ def task_grid(examples: Mapping[str, Any], *, per_task: int = 4, reward: str | N
             row.append(index)
     rows = dict(list(rows.items())[:max_rows])
     columns = max((len(r) for r in rows.values()), default=1)
-    figure = Figure(figsize=(2.0 * columns + 0.6, 2.3 * max(len(rows), 1)))
+    size = (2.0 * columns + 0.6, 2.3 * max(len(rows), 1))
+    if pyplot:
+        import matplotlib.pyplot as plt
+
+        figure = plt.figure(figsize=size)
+    else:
+        figure = Figure(figsize=size)
     axes = figure.subplots(max(len(rows), 1), columns, squeeze=False)
     for axis in axes.flat:
         axis.set_xticks([])

@@ -147,9 +147,13 @@ def test_grid_has_one_row_per_task_and_one_row_without_tags(tmp_path):
     untagged = {k: v for k, v in examples.items() if k != "tags"}
     labels, rows = _rows(task_grid(untagged, per_task=6))
     assert rows == 1 and sum(bool(a.images) for a in task_grid(untagged, per_task=6).axes) == 6
-    # The callback's helper: the same grid, tags or not.
-    assert _rows(sample_figure(examples, max_images=14, columns=3))[1] == 3
-    assert _rows(sample_figure(untagged, max_images=16, columns=8))[1] == 1
+    # The notebooks' helper: the same grid, tags or not, as pyplot figures.
+    import matplotlib.pyplot as plt
+
+    for data, rows in ((examples, 3), (untagged, 1)):
+        figure = sample_figure(data, max_images=14, columns=3)
+        assert _rows(figure)[1] == rows and plt.fignum_exists(figure.number)
+        plt.close(figure)
     path = save_grid(examples, tmp_path / "grid" / "g.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -39,7 +39,8 @@ class SampleGrid(L.Callback):
 
 
 def sample_figure(examples: Mapping[str, Any], max_images: int = 16, columns: int = 8):
-    """The grid of the first ``max_images`` examples, ``columns`` per task row (one row without tags)."""
+    """The grid of the first ``max_images`` examples, ``columns`` per task row (one row without
+    tags), as a pyplot figure (shown by notebooks; close it with ``plt.close``)."""
     head = {
         "images": examples["images"][:max_images],
         "prompts": list(examples["prompts"])[:max_images],
@@ -47,4 +48,4 @@ def sample_figure(examples: Mapping[str, Any], max_images: int = 16, columns: in
     }
     if examples.get("tags") is not None:
         head["tags"] = list(examples["tags"])[:max_images]
-    return task_grid(head, per_task=columns)
+    return task_grid(head, per_task=columns, pyplot=True)
