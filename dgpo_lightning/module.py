@@ -365,24 +365,24 @@ class DGPOModule(L.LightningModule):
               f"cannot train {self.hparams.algorithm}: it needs SDE rollouts (data.sampler=sde)")
         if datamodule is None or not hasattr(datamodule, "eval_reward_names") or hasattr(self, "eval_metrics"):
             return
-        from dgpo_lightning.evaluation import HeldOutMetrics
+        from dgpo_lightning.evaluation import HeldOutMetrics, TaskExamples
 
         # Created up front: every rank must own the same metrics for the cross-rank sync.
         self.eval_metrics = HeldOutMetrics(datamodule.eval_reward_names, datamodule.eval_tags())
+        self._examples = TaskExamples(per_task=4)
 
     def _eval_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        from dgpo_lightning.evaluation import generate_images, score_images
+        from dgpo_lightning.evaluation import generate_images, score_images, task_of
 
         datamodule = self.trainer.datamodule
         records = [item["record"] for item in batch]
         prompts = [r["prompt"] for r in records]
         seeds = [item["seed"] for item in batch]
         images = generate_images(self.backbone, prompts, seeds, datamodule.eval_settings, batch_size=datamodule.hparams.eval_batch_size)
-        tags = [str(r.get("tag", "all")) for r in records]
+        tags = [task_of(r) for r in records]
         scores = score_images(datamodule.eval_rewards, images, prompts, records)
-        self.eval_metrics.update({name: s.to(self.device) for name, s in scores.items()}, tags)
-        if batch_idx == 0:
-            self.last_eval_examples = {"images": images.cpu(), "prompts": prompts, "scores": scores, "tags": tags}
+        self.eval_metrics.update(scores, tags)
+        self._examples.add(images.cpu(), prompts, tags, scores)  # a few per task, for the grid
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx)
@@ -391,8 +391,11 @@ class DGPOModule(L.LightningModule):
         self._eval_step(batch, batch_idx)
 
     def _eval_epoch_end(self) -> None:
+        from dgpo_lightning.evaluation import TaskExamples
+
         results = self.eval_metrics.compute()
         self.last_eval = results
+        self.last_eval_examples, self._examples = self._examples.result(), TaskExamples(per_task=4)
         if results:
             self.log_dict(results, sync_dist=False)  # already synchronised by torchmetrics
             self.log("hp_metric", results[f"eval/{self.trainer.datamodule.eval_reward_names[0]}"], sync_dist=False)
