@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from dgpo_lightning.sampling import flow_sigmas, get_sampler, initial_noise
+from dgpo_lightning.sampling.seeds import sde_noise_seeds
 
 PROMPT = "a photo of a red circle and a blue square"
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def rollout(name: str) -> tuple[float, float]:
         """``(seconds, seconds outside the model)`` of one rollout, initial noise included."""
-        kwargs = {"noise_seeds": [s + 1_000_003 for s in seeds]} if name == "sde" else {}
+        kwargs = {"noise_seeds": sde_noise_seeds(seeds)} if name == "sde" else {}
         if cuda:
             torch.cuda.synchronize()
         model_seconds[0] = 0.0

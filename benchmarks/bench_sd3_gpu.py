@@ -11,8 +11,9 @@ tiny random 16-channel ``AutoencoderKL`` with SD3's 8× downsampling (never run 
 Everything else is the package's real code path: ``SD3Backbone`` (CFG, time convention),
 ``data.rollout.sample_latents`` with the ``ode_dpm`` and ``sde`` samplers, ``models.lora.add_lora``
 (rank 64, alpha 128, SD3's attention projections, fp32 adapters on a bf16 base) and
-``DGPOModule._dgpo_step`` (reference pass without grad through the adapter-disabled base, online
-pass with grad, exact micro-batching), diffusers' gradient checkpointing, AdamW.
+``DGPOModule.backward_step`` with the DGPO objective (reference pass without grad through the
+adapter-disabled base, online pass with grad, exact micro-batching), diffusers' gradient
+checkpointing, AdamW.
 
 * Rollout: one group of G images at 512² (64×64 latents), CFG 4.5 (the batch doubles to 2G), 10
   steps, shift 3; the SDE keeps its trajectory and log-probs as Flow-GRPO needs.
@@ -44,11 +45,14 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from dgpo_lightning.objectives import GroupBatch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -181,7 +185,7 @@ class _Strategy:
 
 
 class _Trainer:
-    """What ``DGPOModule``'s step functions read from ``self.trainer`` outside ``Trainer.fit``."""
+    """What ``DGPOModule.backward_step`` reads from ``self.trainer`` outside ``Trainer.fit``."""
 
     def __init__(self):
         self.strategy = _Strategy()
@@ -192,6 +196,7 @@ class _Trainer:
 def build_module(backbone, args):
     """``DGPOModule`` (LoRA, reference = adapter-disabled base) around ``backbone``, with its optimizer."""
     from dgpo_lightning.models.lora import add_lora
+    from dgpo_lightning.models.reference import Reference
     from dgpo_lightning.module import DGPOModule
 
     module = DGPOModule(
@@ -210,6 +215,7 @@ def build_module(backbone, args):
     add_lora(backbone.denoiser, rank=args.lora_rank)  # alpha 2·rank, SD3 attention projections, fp32 adapters
     if args.gradient_checkpointing:
         backbone.denoiser.enable_gradient_checkpointing()
+    module.reference = Reference(backbone, lora=True)  # the adapter-disabled base, nothing copied
     module.backbone = backbone  # configure_model() now sees a built model and returns
     module.to(backbone.device)
     module._trainer = _Trainer()
@@ -217,10 +223,10 @@ def build_module(backbone, args):
     return module, module.configure_optimizers()
 
 
-def training_step(module, optimizer, batch: dict[str, Any]) -> torch.Tensor:
+def training_step(module, optimizer, batch: GroupBatch) -> torch.Tensor:
     """``DGPOModule.training_step`` without Lightning's logging: the DGPO step, grad clip, AdamW."""
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = module._dgpo_step(batch)
+    loss, _ = module.backward_step(batch)
     torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), module.hparams.grad_clip)
     optimizer.step()
     module._trainer.global_step += 1
@@ -272,8 +278,12 @@ def block_flops(per_module: dict[str, int]) -> int:
 def run(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """The measurements on ``device`` (any device works here; :func:`main` insists on CUDA)."""
     from dgpo_lightning.algo import group_advantages
-    from dgpo_lightning.data.rollout import group_member_seeds, sample_latents
+    from dgpo_lightning.data.rollout import sample_latents
     from dgpo_lightning.models.backbone import concat_conditioning
+    from dgpo_lightning.objectives import GroupBatch
+    from dgpo_lightning.objectives.base import chunked
+    from dgpo_lightning.sampling.seeds import member_seeds
+    from dgpo_lightning.sampling.settings import SamplerSettings
 
     torch.manual_seed(args.seed)
     cuda = device.startswith("cuda")
@@ -287,15 +297,13 @@ def run(args: argparse.Namespace, device: str) -> dict[str, Any]:
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     G = args.group_size
     prompts = [PROMPT] * G
-    seeds = group_member_seeds(args.seed, [0], G)
+    seeds = member_seeds(args.seed, [0], G)
     backbone.encode_prompts([PROMPT, backbone.negative_prompt])  # warm the prompt cache (the real code caches too)
 
     def rollout(sampler: str):
         module.eval()
-        return sample_latents(
-            backbone, prompts, seeds, sampler=sampler, num_steps=args.steps, shift=3.0,
-            guidance_scale=args.guidance_scale, noise_level=0.7, batch_size=G, return_trajectory=sampler == "sde",
-        )
+        settings = SamplerSettings(sampler, num_steps=args.steps, shift=3.0, guidance_scale=args.guidance_scale, noise_level=0.7)
+        return sample_latents(backbone, prompts, seeds, settings, batch_size=G, return_trajectory=settings.stochastic)
 
     samplers = {"ode": "ode_dpm", "sde": "sde"}
     memory: dict[str, float | None] = {"allocated_after_training_gib": None}
@@ -312,13 +320,13 @@ def run(args: argparse.Namespace, device: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(args.seed)
     rewards = torch.rand(G, generator=generator)
     group_index = torch.zeros(G, dtype=torch.long)
-    batch = {
-        "latents": x0.float(),
-        "prompts": prompts,
-        "rewards": rewards,
-        "advantages": group_advantages(rewards, group_index),
-        "group_index": group_index,
-    }
+    batch = GroupBatch(
+        latents=x0.float(),
+        prompts=prompts,
+        advantages=group_advantages(rewards, group_index),
+        rewards=rewards,
+        group_index=group_index,
+    )
 
     def step():
         module.train()
@@ -345,7 +353,8 @@ def run(args: argparse.Namespace, device: str) -> dict[str, Any]:
         cond = backbone.encode_prompts(prompts)
         cond = concat_conditioning([cond] * k) if k > 1 else cond
         with torch.no_grad():
-            _, per_module, _ = count_flops(lambda: module._chunked_velocity(x_t, t, cond, 1.0))
+            online = lambda x, t, c, s: backbone.velocity(x, t, c, guidance_scale=s)  # noqa: E731
+            _, per_module, _ = count_flops(lambda: chunked(online, x_t, t, cond, 1.0, args.micro_batch_size))
         recompute = block_flops(per_module)
     model_flops = executed - recompute
     rollout_flops, _, _ = count_flops(lambda: rollout("ode_dpm"))

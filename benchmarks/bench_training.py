@@ -6,7 +6,7 @@ Lightning's overhead per optimizer step over a bare PyTorch loop of the same ste
     only (``sample_latents``) and the whole rollout (``generate_groups``: sampling + decoding + the
     ``geneval_partial`` reward + advantages).
 (b) Training: one optimizer step of DGPO vs one of Flow-GRPO on a batch of the same whole groups,
-    through ``DGPOModule``'s own step functions (``_dgpo_step`` / ``_flow_grpo_step``), with the
+    through ``DGPOModule.backward_step`` (the configured objective's loss and backward), with the
     settings of ``experiments/base/world_dgpo.yaml`` and ``world_flow_grpo.yaml``.
 (c) Lightning overhead: median wall time per optimizer step of ``Trainer.fit`` on fixed batches vs a
     bare loop that calls the same module methods with the same optimizer (target <= 1.10x).
@@ -33,11 +33,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from dgpo_lightning.objectives import GroupBatch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,7 +86,8 @@ class _FakeStrategy:
 
 
 class _FakeTrainer:
-    """What the step functions read from ``self.trainer`` outside ``Trainer.fit``."""
+    """What ``backward_step`` reads from ``self.trainer`` outside ``Trainer.fit`` (the optimizer step
+    that seeds the step's timestep and noise draws)."""
 
     def __init__(self):
         self.strategy = _FakeStrategy()
@@ -103,12 +107,11 @@ def bare_module(model_path: str | None, **settings: Any):
     return module, module.configure_optimizers()
 
 
-def bare_step(module, optimizer, batch: dict[str, Any]) -> torch.Tensor:
+def bare_step(module, optimizer, batch: GroupBatch) -> torch.Tensor:
     """``DGPOModule.training_step`` without Lightning: zero grads, the algorithm's step (forward and
-    backward), gradient-norm clip, optimizer step."""
+    backward, ``module.backward_step``), gradient-norm clip, optimizer step."""
     optimizer.zero_grad(set_to_none=True)
-    step = {"dgpo": module._dgpo_step, "flow_grpo": module._flow_grpo_step}[module.hparams.algorithm]
-    loss, _ = step(batch)
+    loss, _ = module.backward_step(batch)
     if module.hparams.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), module.hparams.grad_clip)
     optimizer.step()
@@ -121,8 +124,10 @@ def bare_step(module, optimizer, batch: dict[str, Any]) -> torch.Tensor:
 
 def bench_rollouts(model_path, records, args) -> tuple[dict[str, Any], dict[str, Any]]:
     """Images/s of ODE vs SDE rollouts; also returns the last rollout of each (training batches)."""
-    from dgpo_lightning.data.rollout import generate_groups, group_member_seeds, sample_latents
+    from dgpo_lightning.data.rollout import generate_groups, sample_latents
     from dgpo_lightning.rewards.base import build_weighted
+    from dgpo_lightning.sampling.seeds import member_seeds
+    from dgpo_lightning.sampling.settings import SamplerSettings
     from dgpo_lightning.world.backbone import load_backbone
 
     backbone = load_backbone(model_path)
@@ -130,20 +135,19 @@ def bench_rollouts(model_path, records, args) -> tuple[dict[str, Any], dict[str,
     n_images = len(records) * args.group_size
     prompts = [r["prompt"] for r in records for _ in range(args.group_size)]
     variants = {
-        "dgpo": dict(sampler="ode_dpm", keep_trajectory=False),
-        "flow_grpo": dict(sampler="sde", keep_trajectory=True, noise_level=0.7),
+        "dgpo": dict(settings=SamplerSettings("ode_dpm", num_steps=args.steps, shift=3.0), keep_trajectory=False),
+        "flow_grpo": dict(settings=SamplerSettings("sde", num_steps=args.steps, shift=3.0, noise_level=0.7), keep_trajectory=True),
     }
 
     def sample_only(name: str, seed: int) -> float:
         v = variants[name]
-        seeds = group_member_seeds(seed, range(len(records)), args.group_size)
+        seeds = member_seeds(seed, range(len(records)), args.group_size)
         start = time.perf_counter()
         out = sample_latents(
-            backbone, prompts, seeds, sampler=v["sampler"], num_steps=args.steps, shift=3.0,
-            noise_level=v.get("noise_level", 0.7), batch_size=args.rollout_batch_size, return_trajectory=v["keep_trajectory"],
+            backbone, prompts, seeds, v["settings"], batch_size=args.rollout_batch_size, return_trajectory=v["keep_trajectory"],
         )
         seconds = time.perf_counter() - start
-        assert (out.log_probs is not None) == (v["sampler"] == "sde")
+        assert (out.log_probs is not None) == v["settings"].stochastic
         return seconds
 
     last: dict[str, Any] = {}
@@ -152,9 +156,8 @@ def bench_rollouts(model_path, records, args) -> tuple[dict[str, Any], dict[str,
         v = variants[name]
         start = time.perf_counter()
         last[name] = generate_groups(
-            backbone, records, args.group_size, reward, seed=seed, sampler=v["sampler"], num_steps=args.steps,
-            shift=3.0, noise_level=v.get("noise_level", 0.7), keep_trajectory=v["keep_trajectory"],
-            batch_size=args.rollout_batch_size,
+            backbone, records, args.group_size, reward, seed=seed, settings=v["settings"],
+            keep_trajectory=v["keep_trajectory"], batch_size=args.rollout_batch_size,
         )
         return time.perf_counter() - start
 
@@ -170,7 +173,7 @@ def bench_rollouts(model_path, records, args) -> tuple[dict[str, Any], dict[str,
     for name, v in variants.items():
         sampling, rollout = median(times["sampling"][name]), median(times["rollout"][name])
         result["variants"][name] = {
-            "sampler": v["sampler"],
+            "sampler": v["settings"].sampler,
             "keeps": "trajectory + log-probs" if v["keep_trajectory"] else "final latents",
             "sampling_seconds": sampling,
             "sampling_images_per_s": n_images / sampling,
@@ -194,7 +197,7 @@ def bench_rollouts(model_path, records, args) -> tuple[dict[str, Any], dict[str,
 # ------------------------------------------------------------------------------- (b) training steps
 
 
-def training_batch(rollout, groups: int) -> dict[str, Any]:
+def training_batch(rollout, groups: int) -> GroupBatch:
     """The first ``groups`` groups of a rollout as one batch (group order fixed, so both algorithms
     train on the same prompts)."""
     labels = rollout.group_index.unique()[:groups]
@@ -207,8 +210,8 @@ def bench_steps(model_path, rollouts, args) -> dict[str, Any]:
         "flow_grpo": bare_module(model_path, **FLOW_GRPO_SETTINGS),
     }
     batches = {name: training_batch(rollouts[name], args.groups_per_batch) for name in modules}
-    assert batches["dgpo"]["prompts"] == batches["flow_grpo"]["prompts"], "both algorithms must see the same groups"
-    n = len(batches["dgpo"]["prompts"])
+    assert batches["dgpo"].prompts == batches["flow_grpo"].prompts, "both algorithms must see the same groups"
+    n = len(batches["dgpo"])
 
     def timed(name: str) -> float:
         module, optimizer = modules[name]
@@ -317,7 +320,7 @@ def bench_overhead(model_path, rollout, args) -> dict[str, Any]:
     light = median([r["lightning"]["median_step_seconds"] for r in per_repeat])
     bare = median([r["bare"]["median_step_seconds"] for r in per_repeat])
     return {
-        "samples_per_step": len(batches[0]["prompts"]),
+        "samples_per_step": len(batches[0]),
         "timed_steps_per_run": args.steps_per_repeat,
         "warmup_steps_per_run": args.warmup,
         "repeats": args.repeats,
@@ -372,7 +375,7 @@ def markdown(result: dict[str, Any]) -> str:
         "## (b) Training: samples/s of one optimizer step",
         "",
         f"The same {b['groups_per_step']} whole group(s) ({b['samples_per_step']} samples) per step, each algorithm on "
-        "its own rollout of them, through `DGPOModule._dgpo_step` / `_flow_grpo_step` + grad clip + AdamW, "
+        "its own rollout of them, through `DGPOModule.backward_step` (the configured objective) + grad clip + AdamW, "
         "settings of `experiments/base/world_dgpo.yaml` / `world_flow_grpo.yaml`.",
         "",
         "| algorithm | settings | forward passes / sample (ref no-grad + online w/ backward) | s / step | samples/s |",

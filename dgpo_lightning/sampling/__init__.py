@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ._common import SampleOutput, VelocityFn
-from .noise import group_seeds, initial_noise
+from .noise import initial_noise
 from .ode import ode_dpm, ode_euler
 from .schedule import flow_sigmas, time_shift
 from .sde import sde, sde_step_log_prob
@@ -39,7 +39,6 @@ __all__ = [
     "VelocityFn",
     "flow_sigmas",
     "get_sampler",
-    "group_seeds",
     "initial_noise",
     "ode_dpm",
     "ode_euler",

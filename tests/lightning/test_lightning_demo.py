@@ -5,7 +5,9 @@ import csv
 import json
 
 from dgpo_lightning import demo
-from dgpo_lightning.evaluate import evaluate_backbone
+from dgpo_lightning.evaluation import evaluate
+from dgpo_lightning.rewards import build
+from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone
 from dgpo_lightning.world.scene import load_prompts, prompt_file
 
@@ -30,17 +32,17 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
 
     # The standalone evaluation of the base model reproduces the demo's "before" number exactly.
     records = load_prompts(prompt_file("test"))
-    base = evaluate_backbone(
-        load_backbone(tiny_world_path), records, images_per_prompt=1, min_images_per_task=3, seed=1234, num_steps=2,
-        progress=False,
-    )
-    assert base["overall"] == result["before"]
+
+    def geneval_overall(model_dir):
+        evaluation = evaluate(
+            load_backbone(model_dir), records, {"geneval": build("geneval")}, SamplerSettings(num_steps=2),
+            images_per_prompt=1, min_images_per_task=3, seed=1234,
+        )
+        return evaluation.summary["geneval"]["overall"]
+
+    assert geneval_overall(tiny_world_path) == result["before"]
     # ... and the exported model is what was evaluated last.
-    after = evaluate_backbone(
-        load_backbone(out / "final"), records, images_per_prompt=1, min_images_per_task=3, seed=1234, num_steps=2,
-        progress=False,
-    )
-    assert after["overall"] == result["after"]
+    assert geneval_overall(out / "final") == result["after"]
     json.dumps(result)
 
 

@@ -20,6 +20,7 @@ from dgpo_lightning.data.datamodule import RolloutDataModule
 from dgpo_lightning.data.rollout import generate_groups
 from dgpo_lightning.module import DGPOModule
 from dgpo_lightning.rewards.base import WeightedReward
+from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone as load_world
 
 RECORDS = [{"prompt": "a photo of a red circle"}, {"prompt": "a photo of a bad square"}, {"prompt": "a photo of two triangles"}]
@@ -52,8 +53,8 @@ def world(tiny_world_path):
     return load_world(tiny_world_path)
 
 
-def rollout(world, reward, records=RECORDS, **kwargs):
-    options = dict(seed=3, num_steps=2, sampler="ode_dpm")
+def rollout(world, reward, records=RECORDS, sampler="ode_dpm", **kwargs):
+    options = dict(seed=3, settings=SamplerSettings(sampler, num_steps=2))
     options.update(kwargs)
     return generate_groups(world, records, 2, reward, **options)
 
@@ -207,7 +208,8 @@ def test_group_size_below_two_names_the_key(world, group_size):
     with pytest.raises(ValueError, match=r"data\.group_size="):
         data(group_size=group_size)
     with pytest.raises(ValueError, match="group_size must be >= 2"):
-        generate_groups(world, RECORDS, group_size, WeightedReward({"brightness": brightness}), seed=0, num_steps=1)
+        reward = WeightedReward({"brightness": brightness})
+        generate_groups(world, RECORDS, group_size, reward, seed=0, settings=SamplerSettings(num_steps=1))
 
 
 def test_a_batch_larger_than_the_ranks_groups_names_the_key():

@@ -16,6 +16,7 @@ from dgpo_lightning.data.datamodule import RolloutDataModule
 from dgpo_lightning.data.rollout import generate_groups
 from dgpo_lightning.module import DGPOModule
 from dgpo_lightning.rewards.base import WeightedReward
+from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone as load_world
 
 PROMPTS = [{"prompt": "a photo of a red circle"}, {"prompt": "a photo of two blue squares"}]
@@ -33,7 +34,7 @@ def trainer(tmp_path, precision, **kwargs):
 def fixed_batches(tiny_world_path):
     """Two batches of one whole group each, rolled out in fp32 outside any Trainer."""
     reward = WeightedReward({"brightness": lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3))})
-    rollout = generate_groups(load_world(tiny_world_path), PROMPTS, 4, reward, seed=0, num_steps=2)
+    rollout = generate_groups(load_world(tiny_world_path), PROMPTS, 4, reward, seed=0, settings=SamplerSettings(num_steps=2))
     assert rollout.advantages.abs().sum() > 0  # the step has a preference to learn
     return rollout.batches(1)
 
@@ -115,16 +116,6 @@ def test_one_dgpo_step_in_bf16_through_the_rollout_datamodule(tmp_path, tiny_wor
     assert torch.isfinite(data.last_rollout.rewards).all()
 
 
-class _Strategy:  # one process: no block_backward_sync
-    pass
-
-
-class _Trainer:
-    strategy = _Strategy()
-    global_step = 0
-    current_epoch = 0
-
-
 @pytest.fixture(scope="module")
 def tiny_sd3_path(tmp_path_factory):
     from dgpo_lightning.models.testing import build_tiny_sd3
@@ -149,11 +140,10 @@ def test_flow_grpo_first_step_is_on_policy_with_a_bf16_denoiser(tiny_world_path,
         )
         module.configure_model()
     assert next(module.backbone.denoiser.parameters()).dtype == torch.bfloat16
-    module._trainer = _Trainer()
-    module.manual_backward = lambda loss: loss.backward()
     reward = WeightedReward({"brightness": lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3))})
-    rollout = generate_groups(module.backbone, PROMPTS, 3, reward, seed=0, sampler="sde", keep_trajectory=True, num_steps=4)
-    _, logs = module._flow_grpo_step(rollout.batches(2)[0])
+    settings = SamplerSettings("sde", num_steps=4)
+    rollout = generate_groups(module.backbone, PROMPTS, 3, reward, seed=0, settings=settings, keep_trajectory=True)
+    _, logs = module.backward_step(rollout.batches(2)[0])  # no Trainer: a plain loss.backward()
     assert float(logs["clip_frac"]) == 0.0
     assert abs(float(logs["ratio_mean"]) - 1.0) < 1e-5
 
