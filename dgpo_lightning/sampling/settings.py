@@ -15,7 +15,8 @@ SamplerName = Literal["ode_dpm", "ode_euler", "sde"]
 SAMPLER_NAMES: tuple[str, ...] = ("ode_dpm", "ode_euler", "sde")
 
 
-@dataclass(frozen=True)
+# Not frozen: Lightning rebuilds dataclasses field by field when it casts a batch (bf16-true).
+@dataclass
 class SamplerSettings:
     """How images are sampled, passed as one value instead of five keywords.
 
