@@ -144,6 +144,13 @@ class DGPOCLI(LightningCLI):
             "force: continue it despite differences",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)):
+            for path in _config_paths(list(argv)):
+                check_config_file(path)
+        super().parse_arguments(parser, args)
+
     def _sub_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
@@ -236,6 +243,35 @@ class DGPOCLI(LightningCLI):
             print(f"{subcommand}: evaluating {base if path is None else describe_checkpoint(path)}", file=sys.stderr)
 
 
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_file(path: str) -> None:
+    """A config file that exists must be a YAML mapping; jsonargparse's own message names neither the
+    file nor, for a list, the problem. (A missing file is reported by jsonargparse, naming it.)"""
+    file = Path(path)
+    if not file.is_file():
+        return
+    try:
+        content = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"{file}: a config file holds a mapping of keys (trainer:, model:, data: ...), got a {type(content).__name__}")
+
+
 def describe_checkpoint(path) -> str:
     if not Path(path).is_file():
         return f"the run's {path} checkpoint"
@@ -289,15 +325,36 @@ def shorten(message: str, max_lines: int = 4) -> str:
     """The first lines of a (jsonargparse) error message; the full one is shown with DGPO_DEBUG=1."""
     lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
     if any("Does not validate against any of the Union subtypes" in line for line in lines):
-        # Keep the key, what each accepted type said (not the None alternative) and the given value.
-        keep = [lines[0]] + [
-            line for line in lines[1:]
-            if (line.lstrip().startswith("- ") and "NoneType" not in line) or line.lstrip().startswith("Given value:")
-        ]
-        lines = keep if len(keep) > 1 else lines
+        return _condense_union(lines)
     if len(lines) > max_lines:
         lines = lines[:max_lines] + [f"  … ({DEBUG_HINT} and the full message)"]
     return "\n".join(lines)
+
+
+def _condense_union(lines: list[str]) -> str:
+    """jsonargparse's "does not validate against any of the Union subtypes": the key, what the
+    accepted types said (deduplicated, not the None alternative; at most two) and the given value."""
+    items: list[str] = []
+    given = None
+    i = 1
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("- "):
+            text = line[2:]
+            if text.endswith(":") and i + 1 < len(lines) and not lines[i + 1].strip().startswith("- "):
+                i += 1
+                text = f"{text} {lines[i].strip()}"
+            if "NoneType" not in text and not text.startswith("Does not validate") and text not in items:
+                items.append(text)
+        elif line.startswith("Given value:"):
+            given = line
+        i += 1
+    if any("class_path" in t for t in items):  # an import problem says more than "expected a bool"
+        items = [t for t in items if not t.startswith("Expected a")] or items
+    shown = [f"  - {t[:160]}" for t in items[:2]]
+    if len(items) > 2:
+        shown[-1] += f" (+{len(items) - 2} more)"
+    return "\n".join([lines[0], *shown, *([f"  {given[:160]}"] if given else [])])
 
 
 def hint_for(message: str, prog: str = PROG) -> str:
