@@ -9,10 +9,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from dgpo_lightning.data.prompts import draw_prompts, load_prompt_records
+import warnings
+
+from dgpo_lightning.data.prompts import draw_prompts
+from dgpo_lightning.data.validation import check_reward_weights, validate_prompt_file, world_vocabulary
+from dgpo_lightning.errors import ConfigError
 from dgpo_lightning.data.rollout import Rollout, generate_groups
 from dgpo_lightning.rewards.base import available as available_rewards
 from dgpo_lightning.rewards.base import build_weighted
+from dgpo_lightning.sampling.seeds import resample_seed, rollout_seed
 from dgpo_lightning.sampling.settings import SamplerSettings
 
 SamplerName = Literal["ode_dpm", "ode_euler", "sde"]
@@ -124,9 +129,21 @@ class RolloutDataModule(L.LightningDataModule):
         _check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
         _check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
         _check(eval_min_images_per_task >= 0, "data.eval_min_images_per_task", eval_min_images_per_task, "must be >= 0")
+        rewards = check_reward_weights(rewards, key="data.rewards")
         self.save_hyperparameters()
-        self.records = load_prompt_records(train_prompts)  # fails now, naming the file
-        self.eval_records = load_prompt_records(eval_prompts) if eval_prompts else []
+        # Everything about the prompts is checked now, before any model is loaded (see
+        # data/validation.py); the text encoder's vocabulary and the world size are checked in setup().
+        options = dict(reward_options or {})
+        self.train_file = validate_prompt_file(
+            train_prompts, key="data.train_prompts", rewards=list(rewards), reward_options=options,
+            min_distinct_prompts=prompts_per_rank, count_hint=self._count_hint(1),
+        )
+        self.eval_file = (
+            validate_prompt_file(eval_prompts, key="data.eval_prompts", rewards=eval_rewards, reward_options=options)
+            if eval_prompts else None
+        )
+        self.records = self.train_file.records
+        self.eval_records = self.eval_file.records if self.eval_file is not None else []
         self.eval_reward_names = eval_rewards
         self._eval_rewards = None
         self.images_generated = 0
@@ -135,6 +152,7 @@ class RolloutDataModule(L.LightningDataModule):
         self._reward = None
         self.last_rollout: Rollout | None = None
         self.rollouts_done = 0
+        self.last_resamples = 0
 
     @property
     def reward(self):
@@ -154,15 +172,52 @@ class RolloutDataModule(L.LightningDataModule):
         hp = self.hparams
         return SamplerSettings(hp.eval_sampler, hp.eval_num_steps, hp.shift, hp.guidance_scale, hp.noise_level)
 
-    def rollout_seed(self, epoch: int) -> int:
-        return int(self.hparams.seed) * 1_000_003 + epoch
+    #: Further rollouts drawn (fresh prompts and noise) when a rollout has no group of unequal rewards.
+    max_resamples: int = 3
 
-    def make_rollout(self, backbone, *, epoch: int, rank: int = 0, world_size: int = 1, keep_trajectory: bool = False) -> Rollout:
-        """The rollout rank ``rank`` trains on in ``epoch`` (no Lightning needed)."""
-        hp = self.hparams
-        draw = draw_prompts(
-            self.records, hp.prompts_per_rank * world_size, seed=self.rollout_seed(epoch), balance_tags=hp.balance_tags
+    def _count_hint(self, world_size: int) -> str:
+        return (
+            f"lower data.prompts_per_rank (now {self.hparams.prompts_per_rank}"
+            f"{f' on each of {world_size} ranks' if world_size > 1 else ''}) or add prompts"
         )
+
+    def setup(self, stage: str) -> None:
+        """Checks that need the trainer but no model: the world's vocabulary and the world size."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        hparams = getattr(module, "hparams", {}) or {}
+        vocabulary = world_vocabulary(hparams.get("model_path")) if hparams.get("backbone") == "world" else None
+        world_size = int(getattr(trainer, "world_size", 1) or 1)
+        if stage == "fit":
+            validate_prompt_file(
+                self.train_file, key="data.train_prompts", vocabulary=vocabulary,
+                min_distinct_prompts=self.hparams.prompts_per_rank * world_size, count_hint=self._count_hint(world_size),
+            )
+        if self.eval_file is not None and stage in ("fit", "validate", "test"):
+            validate_prompt_file(self.eval_file, key="data.eval_prompts", vocabulary=vocabulary)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters that continue across a resume (checkpointed by Lightning)."""
+        return {"images_generated": self.images_generated, "rollouts_done": self.rollouts_done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.images_generated = int(state_dict.get("images_generated", 0))
+        self.rollouts_done = int(state_dict.get("rollouts_done", 0))
+
+    def rollout_seed(self, epoch: int, attempt: int = 0) -> int:
+        """Seed of epoch ``epoch``'s rollout (``attempt`` > 0: its resampled retries)."""
+        if attempt == 0:
+            return rollout_seed(int(self.hparams.seed), epoch)
+        return resample_seed(int(self.hparams.seed), epoch, attempt)
+
+    def make_rollout(
+        self, backbone, *, epoch: int, rank: int = 0, world_size: int = 1, keep_trajectory: bool = False, attempt: int = 0
+    ) -> Rollout:
+        """The rollout rank ``rank`` trains on in ``epoch`` (no Lightning needed); ``attempt`` > 0:
+        the resampled rollout drawn when the earlier ones had no group of unequal rewards."""
+        hp = self.hparams
+        seed = self.rollout_seed(epoch, attempt)
+        draw = draw_prompts(self.records, hp.prompts_per_rank * world_size, seed=seed, balance_tags=hp.balance_tags)
         # Whole groups per rank: group g of the epoch's draw lives on rank g % world_size.
         group_ids = list(range(rank, len(draw), world_size))
         return generate_groups(
@@ -170,7 +225,7 @@ class RolloutDataModule(L.LightningDataModule):
             [self.records[draw[g]] for g in group_ids],
             hp.group_size,
             self.reward,
-            seed=self.rollout_seed(epoch),
+            seed=seed,
             group_ids=group_ids,
             settings=self.rollout_settings,
             advantage_std=hp.advantage_std,
@@ -187,22 +242,42 @@ class RolloutDataModule(L.LightningDataModule):
                 "RolloutDataModule regenerates rollouts with the current policy each epoch: "
                 "set trainer.reload_dataloaders_every_n_epochs=1"
             )
+        epoch, rank, world_size = trainer.current_epoch, trainer.global_rank, trainer.world_size
+        hp = self.hparams
         was_training = module.training
         module.eval()
-        rollout = self.make_rollout(
-            module.backbone,
-            epoch=trainer.current_epoch,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            keep_trajectory=getattr(module, "needs_trajectory", False),
-        )
-        module.train(was_training)
+        try:
+            for attempt in range(self.max_resamples + 1):
+                rollout = self.make_rollout(
+                    module.backbone, epoch=epoch, rank=rank, world_size=world_size,
+                    keep_trajectory=getattr(module, "needs_trajectory", False), attempt=attempt,
+                )
+                self.rollouts_done += 1
+                self.images_generated += hp.prompts_per_rank * hp.group_size * world_size
+                groups = rollout.informative_groups() if hp.skip_zero_std_groups else None
+                batches = rollout.batches(hp.groups_per_batch, groups=groups, seed=self.rollout_seed(epoch, attempt) + rank)
+                # Every rank decides together (the minimum over ranks), so all resample alike.
+                batches = batches[: _min_over_ranks(len(batches))]
+                if batches:
+                    break
+                if attempt < self.max_resamples:
+                    warnings.warn(
+                        f"rollout of epoch {epoch}: all {rollout.num_groups} group(s) had equal rewards (no preference to "
+                        f"learn from, data.skip_zero_std_groups=true skips them); drawing a fresh rollout "
+                        f"({attempt + 1} of at most {self.max_resamples})",
+                        stacklevel=2,
+                    )
+        finally:
+            module.train(was_training)
         self.last_rollout = rollout
-        self.rollouts_done += 1
-        self.images_generated += self.hparams.prompts_per_rank * self.hparams.group_size * trainer.world_size
-        groups = rollout.informative_groups() if self.hparams.skip_zero_std_groups else None
-        batches = rollout.batches(self.hparams.groups_per_batch, groups=groups, seed=self.rollout_seed(trainer.current_epoch) + trainer.global_rank)
-        batches = batches[: _min_over_ranks(len(batches))]
+        self.last_resamples = attempt
+        if not batches:
+            raise ConfigError(
+                f"no training batches in epoch {epoch}: in {self.max_resamples + 1} rollouts every group had equal rewards "
+                f"(rewards {sorted(self.rewards)} gave all data.group_size={hp.group_size} images of each prompt the same "
+                "score). Use a larger data.group_size, another reward (data.rewards) with more spread, or "
+                "data.skip_zero_std_groups=false (such groups then train with zero advantages)"
+            )
         return DataLoader(_Batches(batches, self.hparams.passes_per_rollout), batch_size=None, collate_fn=_collate)
 
 

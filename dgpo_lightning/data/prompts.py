@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,21 +25,43 @@ def resolve_prompt_path(spec: str | Path) -> Path:
     return Path(text)
 
 
-def load_prompt_records(spec: str | Path) -> list[dict[str, Any]]:
-    """Read prompts as records with at least a ``"prompt"`` key.
+@dataclass(frozen=True)
+class PromptFile:
+    """A prompt file as read: its resolved ``path``, the ``records`` and each record's 1-based ``lines``."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    lines: list[int]
+
+    def where(self, index: int) -> str:
+        """``path:line`` of record ``index`` (for error messages)."""
+        return f"{self.path}:{self.lines[index]}"
+
+    @property
+    def has_metadata(self) -> bool:
+        """Whether every record carries GenEval clauses (``include``)."""
+        return all(isinstance(r.get("include"), list) for r in self.records)
+
+
+def read_prompt_file(spec: str | Path) -> PromptFile:
+    """Read a prompt file: the one reader of the project (training, evaluation, the world).
 
     ``.jsonl``: one JSON object per line (GenEval schema: ``prompt``, ``tag``, ``include``, ``exclude``);
-    anything else: one prompt per line (records ``{"prompt": line}``, no metadata).
+    anything else: one prompt per line (records ``{"prompt": line}``, no metadata). Blank lines are
+    skipped. Only the format is checked here; :mod:`dgpo_lightning.data.validation` checks content.
 
     Raises:
         FileNotFoundError: the file does not exist (the message names it).
-        ValueError: the file holds no prompts, a line is not valid JSON, or a record lacks a
+        ConfigError: the file holds no prompts, a line is not valid JSON, or a record lacks a
             non-empty string ``prompt`` (the message names file and line).
     """
+    from dgpo_lightning.errors import ConfigError
+
     path = resolve_prompt_path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records: list[dict[str, Any]] = []
+    lines: list[int] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -47,15 +70,21 @@ def load_prompt_records(spec: str | Path) -> list[dict[str, Any]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-                    raise ValueError(f"{path}:{number}: each record needs a non-empty string 'prompt'")
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                    raise ConfigError(f"{path}:{number}: each record needs a non-empty string 'prompt'")
             else:
                 record = {"prompt": line.strip()}
             records.append(record)
+            lines.append(number)
     if not records:
-        raise ValueError(f"prompt file {path} contains no prompts")
-    return records
+        raise ConfigError(f"prompt file {path} contains no prompts")
+    return PromptFile(path, records, lines)
+
+
+def load_prompt_records(spec: str | Path) -> list[dict[str, Any]]:
+    """The records of :func:`read_prompt_file` (each with at least a ``"prompt"`` key)."""
+    return read_prompt_file(spec).records
 
 
 def draw_prompts(

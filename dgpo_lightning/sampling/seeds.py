@@ -38,6 +38,20 @@ def rollout_seed(seed: int, epoch: int) -> int:
     return chain(seed, epoch)
 
 
+def resample_seed(seed: int, epoch: int, attempt: int) -> int:
+    """Seed of epoch ``epoch``'s ``attempt``-th resampled rollout (``attempt`` 0: :func:`rollout_seed`).
+
+    A rollout without any group of unequal rewards is drawn again (fresh prompts and noise); the
+    retries are a function of ``(seed, epoch, attempt)`` only, so a resumed run resamples exactly as
+    an uninterrupted one. Kept below ``2**40`` so that chaining group ids onto it stays in 64 bits.
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    if attempt == 0:
+        return rollout_seed(seed, epoch)
+    return int(draw_seeds(rollout_seed(seed, epoch), attempt)[attempt - 1]) % 2**40
+
+
 def member_seeds(seed: int, group_ids: Sequence[int], group_size: int) -> list[int]:
     """Seed of member ``j`` of group ``g``, group-major: a function of ``(seed, g, j)`` only.
 
@@ -80,4 +94,4 @@ def evaluation_plan(
     return plan
 
 
-__all__ = ["MIX", "chain", "draw_seeds", "evaluation_plan", "member_seeds", "rollout_seed", "sde_noise_seeds", "training_generator"]
+__all__ = ["MIX", "chain", "draw_seeds", "evaluation_plan", "member_seeds", "resample_seed", "rollout_seed", "sde_noise_seeds", "training_generator"]

@@ -52,3 +52,29 @@ def test_draw_without_replacement_inside_a_family(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "tag": "a"}) + "\n" for i in range(5)))
     records = load_prompt_records(path)
     assert sorted(draw_prompts(records, 5, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_read_prompt_file_keeps_line_numbers(tmp_path):
+    from dgpo_lightning.data.prompts import read_prompt_file
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('\n{"prompt": "a cat"}\n\n{"prompt": "a dog", "tag": "x"}\n')
+    prompts = read_prompt_file(path)
+    assert prompts.records == [{"prompt": "a cat"}, {"prompt": "a dog", "tag": "x"}]
+    assert prompts.lines == [2, 4]
+    assert prompts.where(1) == f"{path}:4"
+    assert not prompts.has_metadata
+
+
+def test_world_reader_and_data_reader_agree_on_the_shipped_splits():
+    from dgpo_lightning.world.scene import load_prompts, prompt_file
+
+    for split in ("train", "test"):
+        assert load_prompt_records(f"world:{split}") == load_prompts(prompt_file(split))
+
+
+def test_blank_prompt_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "   "}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1"):
+        load_prompt_records(path)
