@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from dgpo_lightning.algo import group_advantages
 from dgpo_lightning.module import DGPOModule
+from dgpo_lightning.objectives import GroupBatch
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle", "a photo of a green square"]
 GROUP_SIZE = 3
@@ -26,14 +27,14 @@ def groups(ids):
     group_index = torch.arange(len(PROMPTS)).repeat_interleave(GROUP_SIZE)
     advantages = group_advantages(rewards, group_index)
     keep = torch.isin(group_index, torch.tensor(ids))
-    return {
-        "latents": latents[keep],
-        "prompts": [PROMPTS[g] for g in group_index[keep].tolist()],
-        "advantages": advantages[keep],
-        "rewards": rewards[keep],
-        "group_index": group_index[keep],
-        "sigmas": torch.linspace(1, 0, 5),
-    }
+    return GroupBatch(
+        latents=latents[keep],
+        prompts=[PROMPTS[g] for g in group_index[keep].tolist()],
+        advantages=advantages[keep],
+        rewards=rewards[keep],
+        group_index=group_index[keep],
+        sigmas=torch.linspace(1, 0, 5),
+    )
 
 
 class FixedGroups(L.LightningDataModule):
