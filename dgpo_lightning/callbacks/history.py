@@ -15,9 +15,9 @@ class ScoreHistory(L.Callback):
 
     During ``fit`` writes ``<run>/eval_history.csv`` and ``<run>/score_vs_time.png`` (headline metric
     against wall-clock minutes and images generated; ``<run>`` = ``trainer.default_root_dir``) and
-    prints a before/after summary when training ends, or a warning if it did not finish. A standalone
-    ``validate``/``test`` writes ``eval_validate.csv``/``eval_test.csv`` instead, so evaluating a run
-    never overwrites its training history.
+    prints a before/after summary when training ends, or a warning if it did not finish. A
+    ``validate``/``test`` in a process that has not run ``fit`` writes ``eval_validate.csv``/``eval_test.csv``
+    instead, so evaluating a run never overwrites its training history.
     Time counts from the start of ``fit``; evaluation time itself is excluded so that curves of
     methods with different evaluation cadences stay comparable.
 
@@ -80,7 +80,8 @@ class ScoreHistory(L.Callback):
             **{k: float(v) for k, v in results.items()},
         }
         self.rows.append(row)
-        self._write(trainer, trainer.state.fn == "fit")
+        # An evaluation after a fit in this process continues its history; a standalone one does not.
+        self._write(trainer, trainer.state.fn == "fit" or self._fit_start is not None)
         if self.max_training_minutes is not None and row["seconds"] >= 60 * self.max_training_minutes:
             trainer.should_stop = True
 

@@ -48,7 +48,7 @@ FILES = {
     "empty.jsonl": "",
     "broken.jsonl": jsonl(CIRCLE) + "{not json\n",
     "nokeys.jsonl": jsonl({"prompt": "a photo of a circle"}),
-    "badcount.jsonl": jsonl({"tag": "counting", "include": [{"class": "circle", "count": -2}], "prompt": "a photo of minus two circles"}),
+    "badcount.jsonl": jsonl({"tag": "counting", "include": [{"class": "circle", "count": -2}], "prompt": "a photo of two circles"}, CIRCLE),
     "badtag.jsonl": jsonl({"tag": "juggling", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}),
     "bad.yaml": "model:\n  beta: [1, 2\n",
     "unknown_key.yaml": "model:\n  betx: 1.0\n",
