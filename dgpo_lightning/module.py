@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from dgpo_lightning import objectives
+from dgpo_lightning.callbacks.resume import resume_at_next_epoch
 from dgpo_lightning.errors import check
 from dgpo_lightning.objectives import GroupBatch, RolloutNeeds, TrainContext, TrainingSettings
 
@@ -330,6 +331,8 @@ class DGPOModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning restores its loops from ``checkpoint``.
+        self._resumed_between_epochs = resume_at_next_epoch(checkpoint)
         self.configure_model()
         self.reference.frozen_weights_changed = bool(checkpoint.get("frozen_weights_changed", False))
         own = self.state_dict()
@@ -342,6 +345,14 @@ class DGPOModule(L.LightningModule):
                 f"checkpoint does not match this model: missing trained weights {missing_trainable[:5]}, "
                 f"unexpected keys {unexpected[:5]} (same model.backbone/finetune/lora settings?)"
             )
+
+    def on_train_start(self) -> None:
+        # An epoch-end checkpoint resumes at the start of the next epoch, exactly as a new epoch starts
+        # in an uninterrupted run: Lightning's iteration-based (max_steps) restart would otherwise redo
+        # the finished epoch (a new rollout and one extra step) or count a phantom logging step.
+        if getattr(self, "_resumed_between_epochs", False):
+            self.trainer.fit_loop.epoch_loop.restarting = False
+            self._resumed_between_epochs = False
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
