@@ -89,10 +89,18 @@ def _check_records(records: Sequence[Mapping[str, Any]], reward_names: Sequence[
                 check(record, where=f"{source}, prompt {index + 1}")
 
 
+class _ShortErrors(argparse.ArgumentParser):
+    """A user error in the arguments ends in one line and a hint, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n(see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ShortErrors(
         prog="python -m dgpo_lightning.evaluate",
         description="Held-out evaluation of a text-to-image backbone on a prompt file, with any rewards.",
+        allow_abbrev=False,
     )
     parser.add_argument("--prompts", required=True, help="prompt file: GenEval-format .jsonl or plain text (one prompt a line)")
     parser.add_argument("--backbone", default="world", help="backbone kind: world (default), sd3, or a registered one")

@@ -62,21 +62,25 @@ def read_prompt_file(spec: str | Path) -> PromptFile:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records: list[dict[str, Any]] = []
     lines: list[int] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                    raise ConfigError(f"{path}:{number}: each record needs a non-empty string 'prompt'")
-            else:
-                record = {"prompt": line.strip()}
-            records.append(record)
-            lines.append(number)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#x}); save the prompt file as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise ConfigError(f"{path}:{number}: each record needs a non-empty string 'prompt'")
+        else:
+            record = {"prompt": line.strip()}
+        records.append(record)
+        lines.append(number)
     if not records:
         raise ConfigError(f"prompt file {path} contains no prompts")
     return PromptFile(path, records, lines)
