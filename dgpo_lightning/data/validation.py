@@ -96,6 +96,14 @@ def validate_prompt_file(
                 f"{key}: {prompts.where(bare[0])}: reward {name!r} needs GenEval metadata (a .jsonl file with "
                 f"'tag' and 'include' per prompt), but this is {kind}; use a GenEval prompt file or another reward"
             )
+    from dgpo_lightning.rewards.geneval_rules import check_metadata
+
+    for index, record in enumerate(records):  # GenEval records are checked whichever reward reads them
+        if "include" in record:
+            try:
+                check_metadata(record)
+            except ValueError as error:
+                raise ConfigError(f"{key}: {prompts.where(index)}: {error}") from None
     world_detector = any(name in METADATA_REWARDS and _detector_of(name, reward_options) == "world" for name in rewards)
     if world_detector:
         from dgpo_lightning.world.scene import validate_metadata

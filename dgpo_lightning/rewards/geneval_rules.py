@@ -149,8 +149,15 @@ def check_metadata(metadata: Any) -> None:
             "GenEval scoring needs each prompt's metadata with an 'include' list of clauses "
             f"(GenEval jsonl schema), got {metadata!r}"
         )
+    for kind in ("include", "exclude"):
+        for index, clause in enumerate(metadata.get(kind) or []):
+            count = clause.get("count") if isinstance(clause, Mapping) else None
+            if not isinstance(clause, Mapping) or not isinstance(clause.get("class"), str):
+                raise ValueError(f"{kind}[{index}] must be an object with a 'class' name and a 'count', got {clause!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{kind}[{index}] ({clause['class']!r}): count must be a positive integer, got {count!r}")
     for index, clause in enumerate(metadata["include"]):
-        if not isinstance(clause, Mapping) or "position" not in clause:
+        if "position" not in clause:
             continue
         position = clause["position"]
         target = position[1] if isinstance(position, (list, tuple)) and len(position) == 2 else None

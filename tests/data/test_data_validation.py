@@ -138,3 +138,19 @@ def test_setup_checks_the_vocabulary_before_loading_a_model(tmp_path):
     data.trainer = SimpleNamespace(lightning_module=module, world_size=4)  # 2 prompts < 1 per rank x 4 ranks
     with pytest.raises(ConfigError, match=r"2 distinct prompt.*draws 4.*on each of 4 ranks"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("clause", [{"class": "circle", "count": -2}, {"class": "circle", "count": 1.5}, {"count": 1}])
+@pytest.mark.parametrize("rewards", [["sharpness"], ["geneval"]])
+def test_malformed_geneval_clauses_are_refused_whichever_reward_reads_them(tmp_path, clause, rewards):
+    """A GenEval record is checked against GenEval's schema even when no GenEval reward is trained."""
+    path = jsonl(tmp_path, [GOOD, {**GOOD, "include": [clause]}])
+    with pytest.raises(ConfigError, match=r"k: .*p\.jsonl:2: .*include\[0\]"):
+        validate_prompt_file(path, key="k", rewards=rewards, reward_options={"geneval": {"detector": {"kind": "x"}}})
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a photo of a circle\na photo of a \xff square\n")
+    with pytest.raises(ConfigError, match=r"p\.txt:2: not UTF-8"):
+        validate_prompt_file(path, key="k")
