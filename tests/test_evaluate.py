@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
+from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.evaluate import main
 from dgpo_lightning.evaluation import evaluate
 from dgpo_lightning.rewards.base import build
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone
-from dgpo_lightning.world.scene import TAGS, load_prompts, prompt_file
+from dgpo_lightning.world.scene import TAGS
 
-TEST_RECORDS = load_prompts(prompt_file("test"))
+TEST_RECORDS = load_prompt_records("world:test")
 
 
 def _one_per_task():

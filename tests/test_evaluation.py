@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dgpo_lightning.callbacks.images import sample_figure
+from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.data.rollout import sample_latents
 from dgpo_lightning.evaluation import (
     HeldOutMetrics,
@@ -26,9 +27,9 @@ from dgpo_lightning.rewards.base import build
 from dgpo_lightning.sampling.seeds import member_seeds
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone, tiny_backbone
-from dgpo_lightning.world.scene import TAGS, load_prompts, prompt_file
+from dgpo_lightning.world.scene import TAGS
 
-TEST_RECORDS = load_prompts(prompt_file("test"))
+TEST_RECORDS = load_prompt_records("world:test")
 
 
 def _one_per_task():

@@ -40,10 +40,27 @@ from typing import Any, Sequence
 import torch
 
 from dgpo_lightning.algo.flow import denoising_error, flow_interpolate, velocity_target
+from dgpo_lightning.data.prompts import read_prompt_file
 from dgpo_lightning.models.ema import ema_update_
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
-from dgpo_lightning.world.scene import corrupt_metadata, load_prompts, prompt_file, random_choice, render_prompt
+from dgpo_lightning.world.scene import corrupt_metadata, random_choice, render_prompt, validate_metadata
+
+
+def world_records(spec: str | Path) -> list[dict]:
+    """The records of a GenEval prompt file in file order (``"world:train"``/``"world:test"``: the shipped
+    splits), read by the data layer's reader (:func:`~dgpo_lightning.data.prompts.read_prompt_file`)
+    and each checked with :func:`~dgpo_lightning.world.scene.validate_metadata`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line is not valid JSON, a record is not a scene this world can draw, or the file
+            holds no prompts; the message names ``file:line``.
+    """
+    prompts = read_prompt_file(spec)
+    for index, record in enumerate(prompts.records):
+        validate_metadata(record, where=prompts.where(index))
+    return prompts.records
 
 
 #: Full training state (online weights, EMA, optimizer) written next to the EMA checkpoint for --resume.
@@ -163,7 +180,7 @@ def heldout_eval(model, images_per_prompt: int, seed: int, guidance_scales: Sequ
     from dgpo_lightning.evaluation import evaluate
     from dgpo_lightning.rewards.base import build
 
-    records = load_prompts(prompt_file("test"))
+    records = world_records("world:test")
     rewards = {"geneval": build("geneval")}
     model.eval()
     out = {}
@@ -205,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(args.seed)
-    prompts = TaskBalancedPrompts(load_prompts(prompt_file("train")), generator)
+    prompts = TaskBalancedPrompts(world_records("world:train"), generator)
     history: list[dict[str, Any]] = []
     start = time.monotonic()
     next_eval = start + 60 * args.eval_minutes

@@ -11,7 +11,6 @@ Prompts use GenEval's metadata schema (``tag``, ``include``/``exclude`` clauses 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -186,30 +185,6 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
         needed = sum(c["count"] for c in include if c["class"] == ex["class"])
         if needed >= ex["count"]:
             fail(f"exclude[{i}] ({ex['count']}+ {ex['class']}) contradicts the include clauses")
-
-
-def load_prompts(path: str | Path) -> list[dict]:
-    """Read a GenEval-format jsonl file; every record is checked with :func:`validate_metadata`.
-
-    Blank lines are skipped; a malformed line raises ``ValueError`` naming the file and line number.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            validate_metadata(record, where=f"{path}:{number}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"prompt file {path} contains no prompts")
-    return records
 
 
 def prompt_file(split: str) -> Path:

@@ -19,7 +19,7 @@ def test_plain_text_prompts(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "contains no prompts"), ("{not json\n", ":1: not valid JSON"), ('{"tag": "x"}\n', "non-empty string 'prompt'")],
+    [("", "contains no prompts"), ("{not json\n", r"bad\.jsonl:1: not valid JSON"), ('{"tag": "x"}\n', "non-empty string 'prompt'")],
 )
 def test_bad_prompt_files_are_named(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
@@ -66,11 +66,15 @@ def test_read_prompt_file_keeps_line_numbers(tmp_path):
     assert not prompts.has_metadata
 
 
-def test_world_reader_and_data_reader_agree_on_the_shipped_splits():
-    from dgpo_lightning.world.scene import load_prompts, prompt_file
+def test_every_shipped_record_is_a_scene_the_world_can_draw():
+    from dgpo_lightning.data.prompts import read_prompt_file
+    from dgpo_lightning.world.scene import validate_metadata
 
     for split in ("train", "test"):
-        assert load_prompt_records(f"world:{split}") == load_prompts(prompt_file(split))
+        prompts = read_prompt_file(f"world:{split}")
+        assert len(prompts.records) > 50 and prompts.has_metadata
+        for index, record in enumerate(prompts.records):
+            validate_metadata(record, where=prompts.where(index))
 
 
 def test_blank_prompt_is_refused(tmp_path):

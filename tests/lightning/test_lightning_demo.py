@@ -5,11 +5,11 @@ import csv
 import json
 
 from dgpo_lightning import demo
+from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.evaluation import evaluate
 from dgpo_lightning.rewards import build
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone
-from dgpo_lightning.world.scene import load_prompts, prompt_file
 
 
 def test_demo_end_to_end(tmp_path, tiny_world_path):
@@ -31,7 +31,7 @@ def test_demo_end_to_end(tmp_path, tiny_world_path):
     assert list(out.glob("tb/events.out.tfevents.*")) and list(out.glob("tb/samples/step_*.png"))
 
     # The standalone evaluation of the base model reproduces the demo's "before" number exactly.
-    records = load_prompts(prompt_file("test"))
+    records = load_prompt_records("world:test")
 
     def geneval_overall(model_dir):
         evaluation = evaluate(

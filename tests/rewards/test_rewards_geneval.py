@@ -269,9 +269,9 @@ def _tied_case(rng, record):
 
 
 def test_verdicts_agree_with_genevals_procedure_on_tied_detections():
-    from dgpo_lightning.world.scene import load_prompts, prompt_file
+    from dgpo_lightning.data.prompts import load_prompt_records
 
-    records = load_prompts(prompt_file("train")) + load_prompts(prompt_file("test"))
+    records = load_prompt_records("world:train") + load_prompt_records("world:test")
     rng = random.Random(1)
     order_mattered = []
     for _ in range(4000):
@@ -330,9 +330,9 @@ def test_partial_credit_by_hand():
 
 
 def test_partial_credit_is_bounded_and_full_only_when_correct():
-    from dgpo_lightning.world.scene import load_prompts, prompt_file
+    from dgpo_lightning.data.prompts import load_prompt_records
 
-    records = load_prompts(prompt_file("train"))
+    records = load_prompt_records("world:train")
     rng = random.Random(0)
     full = 0
     for _ in range(3000):

@@ -69,11 +69,15 @@ def test_empty_prompt_files_are_rejected_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match="no prompts") as error:
             data(train_prompts=str(path))
         assert str(path) in str(error.value)
-    # the held-out file is checked the same way
+    # the held-out file is checked the same way (good.txt has the 2 distinct prompts a rollout of
+    # prompts_per_rank=2 needs, so only the empty held-out file is at fault)
     good = tmp_path / "good.txt"
-    good.write_text("a photo of a cat\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no prompts"):
-        data(train_prompts=str(good), eval_prompts=str(tmp_path / "empty.txt"))
+    good.write_text("a photo of a circle\na photo of a square\n", encoding="utf-8")
+    assert [r["prompt"] for r in data(train_prompts=str(good)).records] == ["a photo of a circle", "a photo of a square"]
+    empty = tmp_path / "empty.txt"
+    with pytest.raises(ValueError, match="no prompts") as error:
+        data(train_prompts=str(good), eval_prompts=str(empty))
+    assert "data.eval_prompts" in str(error.value) and str(empty) in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -101,17 +105,21 @@ def test_missing_prompt_file_is_named(tmp_path):
         data(train_prompts=str(missing))
 
 
-def test_geneval_reward_on_prompts_without_metadata_fails_at_the_first_rollout(tmp_path, tiny_world_path):
-    """A plain-text prompt file has no include/exclude clauses: the first rollout says so."""
+def test_geneval_reward_on_prompts_without_metadata_fails_when_the_data_module_is_built(tmp_path):
+    """A plain-text prompt file has no include/exclude clauses: building the data module (before any
+    model is loaded or rollout drawn) refuses it, naming the key, the file and what is missing."""
+    from dgpo_lightning.errors import ConfigError
+
     path = tmp_path / "plain.txt"
     path.write_text("a photo of a red circle\na photo of two squares\n", encoding="utf-8")
-    datamodule = data(train_prompts=str(path), rewards={"geneval": 1.0}, group_size=2, prompts_per_rank=1)
-    module = DGPOModule(model_path=str(tiny_world_path))
-    with pytest.raises(ValueError) as error:
-        trainer(tmp_path, max_steps=1).fit(module, datamodule)
+    options = dict(train_prompts=str(path), group_size=2, prompts_per_rank=1)
+    with pytest.raises(ConfigError) as error:
+        data(rewards={"geneval": 1.0}, **options)
     message = str(error.value)
     assert "GenEval" in message and "metadata" in message and "include" in message
-    assert module.global_step == 0  # nothing was trained on made-up scores
+    assert "data.train_prompts" in message and f"{path}:1" in message
+    # The file itself is fine: a reward that needs no metadata accepts it.
+    assert len(data(rewards={"test_brightness": 1.0}, **options).records) == 2
 
 
 # ---------------------------------------------------------------- rewards that misbehave

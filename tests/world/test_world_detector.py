@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.rewards.geneval import COUNTING_THRESHOLD, THRESHOLD, build_detector, image_correct, keep_detections
 from dgpo_lightning.world.detector import _components, detect, detect_batch
 from dgpo_lightning.world.scene import (
@@ -15,13 +16,11 @@ from dgpo_lightning.world.scene import (
     GRID,
     TAGS,
     SceneObject,
-    load_prompts,
-    prompt_file,
     render,
     render_prompt,
 )
 
-RECORDS = load_prompts(prompt_file("train")) + load_prompts(prompt_file("test"))
+RECORDS = load_prompt_records("world:train") + load_prompt_records("world:test")
 PALETTE = torch.tensor(list(COLORS.values()))
 
 

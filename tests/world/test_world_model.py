@@ -8,9 +8,9 @@ import torch
 from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.world.backbone import BASE_CHECKPOINT, load_backbone, save_backbone, tiny_backbone
 from dgpo_lightning.world.model import BOS, UNK, WorldTextEncoder, world_vocabulary
-from dgpo_lightning.world.scene import load_prompts, prompt_file
+from dgpo_lightning.data.prompts import load_prompt_records
 
-ALL_PROMPTS = [r["prompt"] for split in ("train", "test") for r in load_prompts(prompt_file(split))]
+ALL_PROMPTS = [r["prompt"] for split in ("train", "test") for r in load_prompt_records(f"world:{split}")]
 
 
 def _inputs(backbone, batch=3, seed=0):
@@ -162,7 +162,7 @@ def test_pretraining_loss_trains_unet_and_text_encoder_jointly():
 
     torch.manual_seed(0)
     backbone = tiny_backbone().train()
-    records = load_prompts(prompt_file("train"))[:4]
+    records = load_prompt_records("world:train")[:4]
     g = torch.Generator().manual_seed(0)
     loss = flow_matching_loss(backbone, render_batch(records, g), [r["prompt"] for r in records], g)
     loss.backward()

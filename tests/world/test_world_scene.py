@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.world import prompts as prompt_gen
 from dgpo_lightning.world.scene import (
     CLASSES,
@@ -17,7 +18,6 @@ from dgpo_lightning.world.scene import (
     SceneObject,
     cell_relations,
     corrupt_metadata,
-    load_prompts,
     prompt_file,
     render,
     render_prompt,
@@ -25,7 +25,7 @@ from dgpo_lightning.world.scene import (
     validate_metadata,
 )
 
-ALL_RECORDS = load_prompts(prompt_file("train")) + load_prompts(prompt_file("test"))
+ALL_RECORDS = load_prompt_records("world:train") + load_prompt_records("world:test")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -262,30 +262,44 @@ def test_shipped_position_clauses_point_at_earlier_clauses():
     assert positions and all(target < index for index, target in positions)
 
 
-def test_load_prompts_errors_name_file_and_line(tmp_path):
+def test_pretraining_records_are_read_by_the_data_reader_and_errors_name_file_and_line(tmp_path):
+    # world.pretrain reads its prompts with the data layer's reader and checks every record against
+    # the world (validate_metadata, where=file:line).
+    from dgpo_lightning.world.pretrain import world_records
+
     good = json.dumps(_record())
     path = tmp_path / "p.jsonl"
     path.write_text(good + "\n\n" + good + "\n")
-    assert len(load_prompts(path)) == 2  # blank lines are skipped
+    assert world_records(path) == [_record(), _record()]  # blank lines are skipped
     path.write_text(good + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
-        load_prompts(path)
-    path.write_text(good + "\n" + json.dumps(_record(include=[{"class": "car", "count": 1}])) + "\n")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: include\[0\]: unknown class 'car'"):
-        load_prompts(path)
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
+        world_records(path)
+    path.write_text(good + "\n\n" + json.dumps(_record(include=[{"class": "car", "count": 1}])) + "\n")
+    with pytest.raises(ValueError, match=r"p\.jsonl:3: include\[0\]: unknown class 'car'"):  # line counts the blank one
+        world_records(path)
+    path.write_text(good + "\n" + json.dumps({"prompt": "a circle"}) + "\n")  # valid for the reader, not for the world
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: unknown tag None"):
+        world_records(path)
     path.write_text("\n  \n")
-    with pytest.raises(ValueError, match="contains no prompts"):
-        load_prompts(path)
-    with pytest.raises(FileNotFoundError):
-        load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match=r"p\.jsonl contains no prompts"):
+        world_records(path)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        world_records(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         prompt_file("val")
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        world_records("world:val")
 
 
 def test_shipped_prompt_files_are_the_generators_output():
+    from dgpo_lightning.world.pretrain import world_records
+
     train, test = prompt_gen.generate()
-    assert load_prompts(prompt_file("train")) == train
-    assert load_prompts(prompt_file("test")) == test
+    assert load_prompt_records("world:train") == train
+    assert load_prompt_records("world:test") == test
+    # Pretraining sees exactly these records, in this order.
+    assert world_records("world:train") == train
+    assert world_records("world:test") == test
 
 
 def test_prompt_phrasing_follows_geneval():
@@ -310,7 +324,7 @@ def _colour_class_pairs(record):
 
 
 def test_test_split_holds_only_combinations_never_seen_in_training():
-    train, test = load_prompts(prompt_file("train")), load_prompts(prompt_file("test"))
+    train, test = load_prompt_records("world:train"), load_prompt_records("world:test")
     train_prompts = {r["prompt"] for r in train}
     # Only single_object prompts (one per class, nothing to hold out) are shared.
     assert {r["tag"] for r in test if r["prompt"] in train_prompts} == {"single_object"}
