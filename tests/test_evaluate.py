@@ -15,15 +15,9 @@ from dgpo_lightning.rewards.base import build
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone
 from dgpo_lightning.world.scene import TAGS
+from helpers import one_record_per_task
 
 TEST_RECORDS = load_prompt_records("world:test")
-
-
-def _one_per_task():
-    seen = {}
-    for record in TEST_RECORDS:
-        seen.setdefault(record["tag"], record)
-    return [seen[tag] for tag in TAGS]
 
 
 def _write(path, records):
@@ -45,7 +39,7 @@ def _user_error(capsys, argv):
 
 
 def test_world_cli_on_the_shipped_base_matches_the_pipeline(tmp_path, capsys):
-    prompts = _write(tmp_path / "p.jsonl", _one_per_task())
+    prompts = _write(tmp_path / "p.jsonl", one_record_per_task())
     out = tmp_path / "result" / "r.json"
     main(["--prompts", str(prompts), "--images-per-prompt", "1", "--min-images-per-task", "6", "--seed", "3",
           "--out", str(out), "--no-progress"])
@@ -59,7 +53,7 @@ def test_world_cli_on_the_shipped_base_matches_the_pipeline(tmp_path, capsys):
     assert "at least 6 per task" in printed and "color_attr" in printed and "overall" in printed
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
-    direct = evaluate(load_backbone(), _one_per_task(), {"geneval": build("geneval")}, images_per_prompt=1,
+    direct = evaluate(load_backbone(), one_record_per_task(), {"geneval": build("geneval")}, images_per_prompt=1,
                       min_images_per_task=6, seed=3)
     assert result["rewards"]["geneval"] == direct.summary["geneval"]
     assert [row["geneval"] for row in result["per_image"]] == direct.scores["geneval"].tolist()
@@ -120,7 +114,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, tiny_world_path, capsy
     message = _user_error(capsys, ["--prompts", str(plain), "--out", out])  # geneval needs clauses
     assert "'geneval' needs GenEval metadata" in message and "plain.txt" in message
     assert "not valid JSON" not in message
-    good = str(_write(tmp_path / "p.jsonl", _one_per_task()[:1]))
+    good = str(_write(tmp_path / "p.jsonl", one_record_per_task()[:1]))
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
         (["--prompts", good, "--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
@@ -217,14 +211,14 @@ def test_sd3_cli_with_clip_reward_with_and_without_the_trained_adapter(sd3_run, 
 
 
 def test_sd3_adapter_on_the_world_is_a_user_error(sd3_run, tmp_path, capsys):
-    good = str(_write(tmp_path / "p.jsonl", _one_per_task()[:1]))
+    good = str(_write(tmp_path / "p.jsonl", one_record_per_task()[:1]))
     message = _user_error(capsys, ["--prompts", good, "--adapter", str(sd3_run["adapter"]),
                                    "--out", str(tmp_path / "r.json"), "--no-progress"])
     assert "diffusers SD3 LoRA" in message
 
 
 def test_tiny_world_batching_does_not_change_the_cli_numbers(tmp_path, tiny_world_path):
-    records = _one_per_task()[:3]
+    records = one_record_per_task()[:3]
     prompts = str(_write(tmp_path / "p.jsonl", records))
     common = ["--prompts", prompts, "--model", str(tiny_world_path), "--reward", "test_brightness",
               "--images-per-prompt", "2", "--num-steps", "2", "--no-progress"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dgpo_lightning.callbacks.images import sample_figure
-from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.data.rollout import sample_latents
 from dgpo_lightning.evaluation import (
     HeldOutMetrics,
@@ -28,15 +27,8 @@ from dgpo_lightning.sampling.seeds import member_seeds
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone, tiny_backbone
 from dgpo_lightning.world.scene import TAGS
+from helpers import one_record_per_task
 
-TEST_RECORDS = load_prompt_records("world:test")
-
-
-def _one_per_task():
-    seen = {}
-    for record in TEST_RECORDS:
-        seen.setdefault(record["tag"], record)
-    return [seen[tag] for tag in TAGS]
 
 
 def _brightness(images, prompts, metadata=None):
@@ -192,7 +184,7 @@ def test_evaluate_matches_an_independent_recomputation_on_the_shipped_base():
     """Non-trivial numbers (the shipped base scores between 0 and 1) equal GenEval applied by hand
     to images sampled with ``sample_latents`` from the planned seeds."""
     backbone = load_backbone()
-    records = _one_per_task()
+    records = one_record_per_task()
     result = evaluate(
         backbone, records, {"geneval": build("geneval")}, images_per_prompt=1, min_images_per_task=6, seed=3, batch_size=16
     )
@@ -218,7 +210,7 @@ def test_evaluate_matches_an_independent_recomputation_on_the_shipped_base():
 def test_evaluate_does_not_depend_on_batching_and_moves_with_the_seed():
     torch.manual_seed(0)
     backbone = tiny_backbone().eval()
-    records = _one_per_task()[:3]
+    records = one_record_per_task()[:3]
     rewards = {"bright": _brightness}
     settings = SamplerSettings(num_steps=3)
     a = evaluate(backbone, records, rewards, settings, images_per_prompt=2, seed=5, batch_size=64)

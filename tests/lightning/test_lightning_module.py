@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from dgpo_lightning.algo import dgpo_loss, group_advantages
+from dgpo_lightning.algo import dgpo_loss
 from dgpo_lightning.data.datamodule import RolloutDataModule
 from dgpo_lightning.module import DGPOModule
-from dgpo_lightning.objectives import GroupBatch
 from dgpo_lightning.objectives.base import noisy_copies
+from helpers import random_group_batch
 
 
 def make_trainer(tmp_path, **kwargs):
@@ -86,22 +86,8 @@ def test_reference_velocity_is_the_initial_model(tiny_world_path):
     assert not torch.allclose(v_online, v_base)
 
 
-PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
-
-
-def _batch(module, n_groups=3, group_size=4, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    n = n_groups * group_size
-    group_index = torch.arange(10, 10 + n_groups).repeat_interleave(group_size)
-    rewards = torch.rand(n, generator=generator)
-    return GroupBatch(
-        latents=torch.randn(n, *module.backbone.latent_shape(), generator=generator),
-        prompts=[p for p in PROMPTS[:n_groups] for _ in range(group_size)],
-        advantages=group_advantages(rewards, group_index),
-        rewards=rewards,
-        group_index=group_index,
-        sigmas=torch.linspace(1, 0, 5),
-    )
+def _batch(module, **kwargs):
+    return random_group_batch(module.backbone.latent_shape(), **kwargs)
 
 
 def _noisy(module, batch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dgpo_lightning import objectives
-from dgpo_lightning.algo import dgpo_loss, flow_grpo_loss, group_advantages, group_weights, ppo_clip_mask
+from dgpo_lightning.algo import dgpo_loss, flow_grpo_loss, group_weights, ppo_clip_mask
 from dgpo_lightning.data.rollout import generate_groups
 from dgpo_lightning.module import DGPOModule
 from dgpo_lightning.objectives import GroupBatch, Objective, RolloutNeeds, StepOutput, TrainContext, register
@@ -17,6 +17,7 @@ from dgpo_lightning.objectives.base import micro_batched_backward, noisy_copies,
 from dgpo_lightning.rewards.base import WeightedReward
 from dgpo_lightning.sampling import sde_step_log_prob
 from dgpo_lightning.sampling.settings import SamplerSettings
+from helpers import random_group_batch
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
 
@@ -25,18 +26,8 @@ def flat(tensors):
     return torch.cat([t.detach().flatten().clone() for t in tensors])
 
 
-def make_batch(module, n_groups=3, group_size=4, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    n = n_groups * group_size
-    group_index = torch.arange(10, 10 + n_groups).repeat_interleave(group_size)
-    rewards = torch.rand(n, generator=generator)
-    return GroupBatch(
-        latents=torch.randn(n, *module.backbone.latent_shape(), generator=generator),
-        prompts=[p for p in PROMPTS[:n_groups] for _ in range(group_size)],
-        advantages=group_advantages(rewards, group_index),
-        rewards=rewards,
-        group_index=group_index,
-    )
+def make_batch(module, **kwargs):
+    return random_group_batch(module.backbone.latent_shape(), **kwargs)
 
 
 def make_module(tiny_world_path, perturb=0.02, **kwargs):
