@@ -18,9 +18,9 @@ from dgpo_lightning.data.rollout import Rollout, generate_groups
 from dgpo_lightning.rewards.base import available as available_rewards
 from dgpo_lightning.rewards.base import build_weighted
 from dgpo_lightning.sampling.seeds import resample_seed, rollout_seed
-from dgpo_lightning.sampling.settings import SamplerSettings
+from dgpo_lightning.errors import check
+from dgpo_lightning.sampling.settings import SamplerName, SamplerSettings
 
-SamplerName = Literal["ode_dpm", "ode_euler", "sde"]
 
 
 class _Batches(IterableDataset):
@@ -108,27 +108,27 @@ class RolloutDataModule(L.LightningDataModule):
     ):
         super().__init__()
         rewards = {"geneval_partial": 1.0} if rewards is None else dict(rewards)
-        _check(group_size >= 2, "data.group_size", group_size, "must be >= 2 (a group needs a preference)")
-        _check(prompts_per_rank >= 1, "data.prompts_per_rank", prompts_per_rank, "must be >= 1")
-        _check(groups_per_batch >= 1, "data.groups_per_batch", groups_per_batch, "must be >= 1")
-        _check(
+        check(group_size >= 2, "data.group_size", group_size, "must be >= 2 (a group needs a preference)")
+        check(prompts_per_rank >= 1, "data.prompts_per_rank", prompts_per_rank, "must be >= 1")
+        check(groups_per_batch >= 1, "data.groups_per_batch", groups_per_batch, "must be >= 1")
+        check(
             groups_per_batch <= prompts_per_rank,
             "data.groups_per_batch",
             groups_per_batch,
             f"must be <= data.prompts_per_rank={prompts_per_rank} (a batch holds whole groups of one rank)",
         )
-        _check(passes_per_rollout >= 1, "data.passes_per_rollout", passes_per_rollout, "must be >= 1")
-        _check(num_steps >= 1, "data.num_steps", num_steps, "must be >= 1")
-        _check(shift is None or shift > 0, "data.shift", shift, "must be > 0 or null")
-        _check(noise_level >= 0, "data.noise_level", noise_level, "must be >= 0")
-        _check(bool(rewards), "data.rewards", rewards, "needs at least one reward")
+        check(passes_per_rollout >= 1, "data.passes_per_rollout", passes_per_rollout, "must be >= 1")
+        check(num_steps >= 1, "data.num_steps", num_steps, "must be >= 1")
+        check(shift is None or shift > 0, "data.shift", shift, "must be > 0 or null")
+        check(noise_level >= 0, "data.noise_level", noise_level, "must be >= 0")
+        check(bool(rewards), "data.rewards", rewards, "needs at least one reward")
         unknown = sorted(set(rewards) - set(available_rewards()))
-        _check(not unknown, "data.rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
+        check(not unknown, "data.rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
         eval_rewards = ["geneval"] if eval_rewards is None else list(eval_rewards)
         unknown = sorted(set(eval_rewards) - set(available_rewards()))
-        _check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
-        _check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
-        _check(eval_min_images_per_task >= 0, "data.eval_min_images_per_task", eval_min_images_per_task, "must be >= 0")
+        check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
+        check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
+        check(eval_min_images_per_task >= 0, "data.eval_min_images_per_task", eval_min_images_per_task, "must be >= 0")
         rewards = check_reward_weights(rewards, key="data.rewards")
         self.save_hyperparameters()
         # Everything about the prompts is checked now, before any model is loaded (see
@@ -328,7 +328,3 @@ def _min_over_ranks(value: int) -> int:
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
 
-
-def _check(ok: bool, key: str, value: Any, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r} {message}")
