@@ -11,7 +11,6 @@ a reward's ``overall`` is the unweighted mean of its task scores when the images
 
 from __future__ import annotations
 
-import collections
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dgpo_lightning.rewards.base import Reward, check_scores
-from dgpo_lightning.sampling.seeds import evaluation_plan, member_seeds
+from dgpo_lightning.sampling.seeds import evaluation_plan  # noqa: F401 (part of the pipeline's API)
 from dgpo_lightning.sampling.settings import SamplerSettings
 
 #: Key of a reward's headline number in summaries.

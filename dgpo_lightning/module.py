@@ -264,18 +264,15 @@ class DGPOModule(L.LightningModule):
 
     def train_context(self) -> TrainContext:
         """What the objective may use this step: the models, the seeded draws and the backward."""
-        old = None
-        if self.old_policy is not None:
-
-            def old(x_t, t, cond, guidance_scale):
-                with self.old_policy.weights():
-                    return self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
+        def old(x_t, t, cond, guidance_scale):
+            with self.old_policy.weights():
+                return self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         return TrainContext(
             self.backbone,
             lambda x_t, t, cond, guidance_scale: self.reference.velocity(x_t, t, cond, guidance_scale),
-            old_velocity=old,
+            old_velocity=old if self.old_policy is not None else None,
             backward=self.manual_backward if self._trainer is not None else (lambda loss: loss.backward()),
             no_sync=getattr(strategy, "block_backward_sync", None),
             seed=self.hparams.seed,

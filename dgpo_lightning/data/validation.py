@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping
 
 from dgpo_lightning.data.prompts import PromptFile, read_prompt_file
 from dgpo_lightning.errors import ConfigError
