@@ -17,23 +17,16 @@ Defaults are the embedded world's: its shipped base, GenEval with its programmat
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from dgpo_lightning.evaluation import EvalResult, evaluate, generate_images, save_grid  # noqa: F401 (re-export)
 from dgpo_lightning.sampling.settings import SAMPLER_NAMES, SamplerSettings
 
 DEFAULT_SAMPLER = "ode_dpm"
 DEFAULT_STEPS = 10
-#: Rewards scored from each prompt's GenEval clauses: plain-text prompts cannot be scored with them.
-METADATA_REWARDS = ("geneval", "geneval_partial")
-#: A backbone family's own check of GenEval records (``"module:function"``, imported on first use
-#: like the backbone registry's loaders): the world can only draw its own classes and colours.
-RECORD_CHECKS = {"world": "dgpo_lightning.world.scene:validate_metadata"}
-
 
 class UsageError(Exception):
     """A user error: printed as one ``error: ...`` line, exit status 2."""
@@ -60,33 +53,6 @@ def _json_option(text: str | None, flag: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{flag}: expected a JSON object, got {text!r}")
     return value
-
-
-def _record_check(kind: str) -> Callable[..., None] | None:
-    spec = RECORD_CHECKS.get(kind)
-    if spec is None:
-        return None
-    module, _, attribute = spec.partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def _check_records(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str], kind: str, source: str) -> None:
-    """Fail before sampling: GenEval rewards on prompts without clauses, or clauses the backbone
-    family cannot draw (named by file and line of the record)."""
-    for name in reward_names:
-        if name in METADATA_REWARDS:
-            bare = [i for i, r in enumerate(records) if not isinstance(r.get("include"), list)]
-            if bare:
-                raise UsageError(
-                    f"reward {name!r} needs GenEval metadata (a jsonl with 'tag' and 'include' per prompt), "
-                    f"but {len(bare)} of the {len(records)} prompts in {source} have none "
-                    f"(first: {records[bare[0]]['prompt']!r}); choose another --reward for plain prompts"
-                )
-    check = _record_check(kind)
-    if check is not None:
-        for index, record in enumerate(records):
-            if "include" in record or "tag" in record:
-                check(record, where=f"{source}, prompt {index + 1}")
 
 
 class _ShortErrors(argparse.ArgumentParser):
@@ -133,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
     """Load, evaluate and write; user errors raise :class:`UsageError`."""
-    from dgpo_lightning.data.prompts import load_prompt_records
+    from dgpo_lightning.data.validation import validate_prompt_file, world_vocabulary
     from dgpo_lightning.models.factory import load_backbone
     from dgpo_lightning.rewards.base import build
 
@@ -151,8 +117,11 @@ def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
         settings = SamplerSettings(
             args.sampler, args.num_steps, args.shift, args.guidance_scale, noise_level=args.noise_level
         )
-        records = load_prompt_records(args.prompts)
-        _check_records(records, reward_names, args.backbone, args.prompts)
+        # The validation every entry point shares (data/validation.py), before any model loads.
+        records = validate_prompt_file(
+            args.prompts, key="--prompts", rewards=reward_names, reward_options=reward_options,
+            vocabulary=world_vocabulary(args.model) if args.backbone == "world" else None,
+        ).records
         rewards = {name: build(name, **dict(reward_options.get(name) or {})) for name in reward_names}
         backbone = load_backbone(args.backbone, args.model, **_json_option(args.backbone_options, "--backbone-options"))
         if args.device:

@@ -103,14 +103,16 @@ def test_unknown_class_or_colour_is_rejected_by_name(tmp_path, clause, name, cap
     record = {"tag": "single_object", "include": [clause], "prompt": f"a photo of a {name}"}
     prompts = _write(tmp_path / "bad.jsonl", [TEST_RECORDS[0], record])
     message = _user_error(capsys, ["--prompts", str(prompts), "--out", str(tmp_path / "r.json"), "--no-progress"])
-    assert name in message and "bad.jsonl, prompt 2" in message
+    assert name in message and "--prompts: " in message and "bad.jsonl:2: " in message  # key, file and line
     assert not (tmp_path / "r.json").exists()
 
 
 def test_user_errors_are_one_line_with_status_2(tmp_path, tiny_world_path, capsys):
     out = str(tmp_path / "r.json")
     plain = tmp_path / "plain.txt"
-    plain.write_text("a red cube\na blue sphere\n")
+    plain.write_text("a red circle\na blue square\n")
+    unknown_words = tmp_path / "cube.txt"
+    unknown_words.write_text("a red cube\n")
     message = _user_error(capsys, ["--prompts", str(plain), "--out", out])  # geneval needs clauses
     assert "'geneval' needs GenEval metadata" in message and "plain.txt" in message
     assert "not valid JSON" not in message
@@ -130,6 +132,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, tiny_world_path, capsy
         (["--prompts", good, "--reward-options", '{"clip_score": {}}'], "no --reward asks for"),
         (["--prompts", str(plain), "--reward", "clip_score"], "clip_score: pass model_path"),
         (["--prompts", good, "--model", str(tiny_world_path), "--num-steps", "0"], "num_steps"),
+        (["--prompts", str(unknown_words), "--reward", "test_brightness"], "cube.txt:1: prompt 'a red cube'"),  # [unk] words
     ]
     for argv, expected in cases:
         assert expected in _user_error(capsys, [*argv, "--out", out, "--no-progress"]), argv
