@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dgpo_lightning import objectives
 from dgpo_lightning.callbacks.resume import resume_at_next_epoch
 from dgpo_lightning.errors import check
-from dgpo_lightning.objectives import GroupBatch, RolloutNeeds, TrainContext, TrainingSettings
+from dgpo_lightning.objectives import GroupBatch, TrainContext, TrainingSettings
 
 
 class DGPOModule(L.LightningModule):
@@ -148,11 +148,6 @@ class DGPOModule(L.LightningModule):
         self.last_eval_examples: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ model construction
-
-    @property
-    def rollout_needs(self) -> RolloutNeeds:
-        """What the objective needs from the rollouts (the data module reads it)."""
-        return self.objective.needs
 
     @property
     def needs_trajectory(self) -> bool:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from dgpo_lightning.sampling.settings import SamplerSettings
@@ -49,20 +48,6 @@ class GroupBatch:
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
-
-    @property
-    def num_groups(self) -> int:
-        return int(self.group_index.unique().numel())
-
-    def to(self, device: torch.device | str) -> "GroupBatch":
-        """The same batch with every tensor on ``device``."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            latents=move(self.latents), advantages=move(self.advantages), rewards=move(self.rewards),
-            group_index=move(self.group_index), sigmas=move(self.sigmas), trajectory=move(self.trajectory),
-            log_probs=move(self.log_probs),
-        )
 
 
 __all__ = ["GroupBatch"]
