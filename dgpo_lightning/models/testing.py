@@ -307,3 +307,31 @@ def save_tiny_mask2former(
     )
     processor.save_pretrained(directory)
     return directory
+
+
+#: A tiny open_clip CLIP architecture (open_clip's config-dict format) for tests of the open_clip rewards.
+TINY_OPEN_CLIP_CONFIG: dict = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+}
+
+
+def save_tiny_open_clip(path: str | Path, seed: int = 0, wrap: str | None = None) -> Path:
+    """Write the state dict of a random ``open_clip.CLIP`` of :data:`TINY_OPEN_CLIP_CONFIG` to ``path``.
+
+    ``wrap="state_dict"`` saves ``{"state_dict": {"module.<key>": ...}}``, the layout of training
+    checkpoints such as HPS's; ``None`` saves the bare state dict. Returns ``path``."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP_CONFIG)
+    with torch.no_grad():  # open_clip initialises some projections at zero-ish scales: spread them
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    state = model.state_dict()
+    if wrap == "state_dict":
+        state = {"state_dict": {f"module.{key}": value for key, value in state.items()}}
+    path = Path(path)
+    torch.save(state, path)
+    return path

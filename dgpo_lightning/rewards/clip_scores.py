@@ -1,9 +1,12 @@
-"""CLIP-family rewards on transformers' ``CLIPModel``: PickScore, LAION Aesthetic and CLIPScore.
+"""CLIP-family rewards: PickScore, LAION Aesthetic and CLIPScore, on transformers or open_clip.
 
-Weights load lazily, on the first call, from local directories given as keyword arguments (a
-directory written by ``save_pretrained``, or a hub id already in the local cache). Images are
-preprocessed in torch (resize of the shortest side, centre crop, normalisation with the processor's
-mean/std), so neither torchvision nor PIL round trips are needed and the images may stay on the GPU.
+``backend: transformers`` (default) runs a ``CLIPModel`` (:class:`ClipBackend`): weights load lazily,
+on the first call, from local directories given as keyword arguments (a directory written by
+``save_pretrained``, or a hub id already in the local cache). ``backend: open_clip`` runs an open_clip
+model (:class:`~dgpo_lightning.rewards.open_clip_models.OpenClipBackend`: ``model_name`` is the
+architecture, ``model_path`` a local weights file or a cached pretrained tag). Images are
+preprocessed in torch (resize of the shortest side, centre crop, normalisation with the model's
+mean/std), so there is no PIL round trip and the images may stay on the GPU.
 
 * ``pickscore``: ``logit_scale.exp() · cos(image, text)`` of the PickScore CLIP-H model (Kirstain et
   al. 2023; weights ``yuvalkirstain/PickScore_v1``, processor ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from dgpo_lightning.rewards.base import register
 
 
-def _check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
+def check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"reward {name!r}: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
     if prompts is not None and len(prompts) != images.shape[0]:
@@ -172,15 +175,52 @@ class ClipBackend(nn.Module):
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
+#: Libraries a CLIP-family reward can run on (its ``backend`` option).
+CLIP_BACKENDS = ("transformers", "open_clip")
+
+
+def make_clip_backend(
+    backend: str,
+    *,
+    what: str,
+    model_path: str | Path | None = None,
+    processor_path: str | Path | None = None,
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    path_option: str = "model_path",
+) -> nn.Module:
+    """A CLIP backend of either library with the same interface (``image_embeddings``,
+    ``text_embeddings``, ``pixel_embeddings``, ``preprocess``, ``logit_scale``).
+
+    ``transformers``: ``model_path`` (+ ``processor_path``) directories of a ``CLIPModel``.
+    ``open_clip``: ``model_name`` (architecture) or ``model_config`` (a dict), and ``model_path``
+    (a local weights file or a cached pretrained tag).
+    """
+    if backend == "transformers":
+        for name, value in (("model_name", model_name), ("model_config", model_config)):
+            if value is not None:
+                raise ValueError(f"{what}: {name} is an option of backend='open_clip'; transformers reads model_path")
+        return ClipBackend(model_path, processor_path, device, dtype, what=what)
+    if backend == "open_clip":
+        if processor_path is not None:
+            raise ValueError(f"{what}: processor_path is an option of backend='transformers'; open_clip has its own")
+        from dgpo_lightning.rewards.open_clip_models import OpenClipBackend
+
+        return OpenClipBackend(model_name, model_path, model_config, device, dtype, what=what, path_option=path_option)
+    raise ValueError(f"{what}: backend={backend!r} is not one of {', '.join(CLIP_BACKENDS)}")
+
+
 class PickScoreReward:
     """``scale · logit_scale.exp() · cos(image, prompt)`` with the PickScore model."""
 
-    def __init__(self, model_path=None, processor_path=None, device=None, dtype=torch.float32, scale: float = 1.0):
-        self.clip = ClipBackend(model_path, processor_path, device, dtype, what="pickscore")
+    def __init__(self, backend: nn.Module, scale: float = 1.0):
+        self.clip = backend
         self.scale = float(scale)
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
-        _check_images("pickscore", images, prompts)
+        check_images("pickscore", images, prompts)
         image = self.clip.image_embeddings(images)
         text = self.clip.text_embeddings(prompts, images.device)
         scores = self.scale * self.clip.logit_scale * (image * text).sum(-1)
@@ -190,12 +230,12 @@ class PickScoreReward:
 class ClipScoreReward:
     """``weight · max(cos(image, prompt), 0)``."""
 
-    def __init__(self, model_path=None, processor_path=None, device=None, dtype=torch.float32, weight: float = 100.0):
-        self.clip = ClipBackend(model_path, processor_path, device, dtype, what="clip_score")
+    def __init__(self, backend: nn.Module, weight: float = 100.0):
+        self.clip = backend
         self.weight = float(weight)
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
-        _check_images("clip_score", images, prompts)
+        check_images("clip_score", images, prompts)
         image = self.clip.image_embeddings(images)
         text = self.clip.text_embeddings(prompts, images.device)
         return (self.weight * (image * text).sum(-1).clamp_min(0)).to(images.device)
@@ -246,13 +286,13 @@ def load_linear_head(path: str | Path, in_features: int | None = None) -> nn.Seq
 class AestheticReward:
     """LAION aesthetic score: linear head on the normalised CLIP ViT-L/14 image embedding."""
 
-    def __init__(self, model_path=None, head_path=None, processor_path=None, device=None, dtype=torch.float32):
-        self.clip = ClipBackend(model_path, processor_path, device, dtype, what="aesthetic")
+    def __init__(self, backend: nn.Module, head_path: str | Path | None = None):
+        self.clip = backend
         self.head_path = head_path
         self.head: nn.Sequential | None = None
 
     def __call__(self, images: Tensor, prompts: Sequence[str] | None = None, metadata: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
-        _check_images("aesthetic", images, prompts)
+        check_images("aesthetic", images, prompts)
         embeddings = self.clip.image_embeddings(images)
         if self.head is None:
             if self.head_path is None:
@@ -270,9 +310,16 @@ def pickscore_reward(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
+    backend: str = "transformers",
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> PickScoreReward:
     """PickScore with local weights (``model_path``: PickScore_v1, ``processor_path``: CLIP-H processor)."""
-    return PickScoreReward(model_path, processor_path, device, dtype, scale)
+    clip = make_clip_backend(
+        backend, what="pickscore", model_path=model_path, processor_path=processor_path,
+        model_name=model_name, model_config=model_config, device=device, dtype=dtype,
+    )
+    return PickScoreReward(clip, scale)
 
 
 @register("aesthetic")
@@ -282,9 +329,17 @@ def aesthetic_reward(
     processor_path: str | None = None,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
+    backend: str = "transformers",
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> AestheticReward:
-    """LAION aesthetic predictor (``model_path``: CLIP ViT-L/14, ``head_path``: the predictor weights)."""
-    return AestheticReward(model_path, head_path, processor_path, device, dtype)
+    """LAION aesthetic predictor (``model_path``: CLIP ViT-L/14, ``head_path``: the predictor weights;
+    with ``backend: open_clip``, ``model_name: ViT-L-14-quickgelu`` and OpenAI's weights)."""
+    clip = make_clip_backend(
+        backend, what="aesthetic", model_path=model_path, processor_path=processor_path,
+        model_name=model_name, model_config=model_config, device=device, dtype=dtype,
+    )
+    return AestheticReward(clip, head_path)
 
 
 @register("clip_score")
@@ -294,6 +349,13 @@ def clip_score_reward(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     weight: float = 100.0,
+    backend: str = "transformers",
+    model_name: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> ClipScoreReward:
-    """CLIPScore ``weight · max(cos, 0)`` with a local CLIP (e.g. ViT-L/14)."""
-    return ClipScoreReward(model_path, processor_path, device, dtype, weight)
+    """CLIPScore ``weight · max(cos, 0)`` with a local CLIP (e.g. ViT-L/14), on either library."""
+    clip = make_clip_backend(
+        backend, what="clip_score", model_path=model_path, processor_path=processor_path,
+        model_name=model_name, model_config=model_config, device=device, dtype=dtype,
+    )
+    return ClipScoreReward(clip, weight)

@@ -51,8 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgpo_lightning.models.mask2former import instance_head_class
-from dgpo_lightning.rewards.clip_scores import ClipBackend, resolve_local_path
+from dgpo_lightning.rewards.clip_scores import ClipBackend, make_clip_backend, resolve_local_path
 from dgpo_lightning.rewards.geneval_rules import MAX_OBJECTS, THRESHOLD, Detection, geneval_ranking, register_detector
+
+#: GenEval's colour classifier: open_clip ViT-L-14 with OpenAI's weights (which use QuickGELU).
+GENEVAL_OPEN_CLIP_MODEL = "ViT-L-14-quickgelu"
 
 #: GenEval's colour names, in its order (ties in the argmax go to the earlier one).
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -171,6 +174,11 @@ class Mask2FormerClipDetector:
         device: where the models run; ``None`` follows the images.
         dtype: the models' dtype (a ``torch.dtype`` or its name, for YAML).
         clip_batch_size: crops per CLIP forward pass.
+        clip_backend: ``transformers`` (a ``CLIPModel`` directory as ``clip_path``) or ``open_clip``,
+            GenEval's own library: ``clip_path`` is then a local weights file (or a cached pretrained
+            tag such as ``openai``) of ``clip_model_name`` (GenEval's ``ViT-L-14`` with OpenAI's
+            weights: ``ViT-L-14-quickgelu`` for a local file).
+        clip_model_name, clip_model_config: the open_clip architecture (a name, or a config dict).
     """
 
     def __init__(
@@ -187,6 +195,9 @@ class Mask2FormerClipDetector:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = torch.float32,
         clip_batch_size: int = 64,
+        clip_backend: str = "transformers",
+        clip_model_name: str | None = None,
+        clip_model_config: Mapping[str, Any] | None = None,
     ):
         if model_path is None:
             raise ValueError("mask2former detector: pass model_path=<local Mask2Former directory> (never downloaded)")
@@ -202,7 +213,13 @@ class Mask2FormerClipDetector:
         self.device_override = torch.device(device) if device is not None else None
         self.dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
         self.clip_batch_size = int(clip_batch_size)
-        self.clip = ClipBackend(clip_path, clip_processor_path, device, self.dtype, what="mask2former detector (CLIP)")
+        if clip_backend == "open_clip" and clip_model_name is None and clip_model_config is None:
+            clip_model_name = GENEVAL_OPEN_CLIP_MODEL
+        self.clip = make_clip_backend(
+            clip_backend, what="mask2former detector (CLIP)", model_path=clip_path, processor_path=clip_processor_path,
+            model_name=clip_model_name, model_config=clip_model_config, device=device, dtype=self.dtype,
+            path_option="clip_path",
+        )
         self.model: Any = None
         self.processor: Any = None
         self._color_embeddings: dict[str, Tensor] = {}
@@ -218,8 +235,9 @@ class Mask2FormerClipDetector:
             model_path = resolve_local_path(self.model_path, "mask2former detector", "model_path")
             processor_path = resolve_local_path(self.processor_path, "mask2former detector", "processor_path")
             # Checked here too, so that a missing CLIP is reported under this detector's argument names.
-            resolve_local_path(self.clip.model_path, "mask2former detector", "clip_path")
-            resolve_local_path(self.clip.processor_path, "mask2former detector", "clip_processor_path")
+            if isinstance(self.clip, ClipBackend):  # open_clip reports its own paths (file or cached tag)
+                resolve_local_path(self.clip.model_path, "mask2former detector", "clip_path")
+                resolve_local_path(self.clip.processor_path, "mask2former detector", "clip_processor_path")
             try:
                 self.processor = Mask2FormerImageProcessorPil.from_pretrained(processor_path)
                 model = instance_head_class().from_pretrained(model_path, dtype=self.dtype)
