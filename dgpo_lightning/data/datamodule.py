@@ -64,7 +64,10 @@ class RolloutDataModule(L.LightningDataModule):
             give zero DGPO gradient; skipping them saves the compute). Every rank then trains on the
             same number of batches (the minimum over ranks) so no rank waits in a collective.
         balance_tags: draw prompts evenly across GenEval task families.
-        rollout_batch_size: images per sampler call.
+        rollout_batch_size: images per sampler call; also the chunk that is scored while the next
+            one is sampled.
+        overlap_scoring: score each chunk of rollout images in a worker thread while the next is
+            sampled (same numbers as in turn; ``rollout/reward_wait_seconds`` logs the waits).
         seed: base seed of prompt draws and rollout noise.
         eval_prompts: held-out prompt file of the validation loop (``None``: no validation).
         eval_images_per_prompt: images per held-out prompt (GenEval uses 4).
@@ -95,6 +98,7 @@ class RolloutDataModule(L.LightningDataModule):
         skip_zero_std_groups: bool = True,
         balance_tags: bool = True,
         rollout_batch_size: int = 64,
+        overlap_scoring: bool = True,
         seed: int = 0,
         progress: bool = True,
         eval_prompts: str | None = "world:test",
@@ -231,6 +235,7 @@ class RolloutDataModule(L.LightningDataModule):
             advantage_std=hp.advantage_std,
             keep_trajectory=keep_trajectory,
             batch_size=hp.rollout_batch_size,
+            overlap_scoring=hp.overlap_scoring,
             progress=hp.progress and rank == 0,
         )
 

@@ -98,6 +98,9 @@ class Rollout:
         log_probs: ``[N, S]`` per-step log-probabilities (SDE only).
         seconds: wall-clock time of sampling + scoring.
         dropped_groups: groups removed because a reward failed on one of their images.
+        sampling_seconds: time spent sampling and decoding.
+        scoring_seconds: time spent inside the rewards (overlapping sampling when overlapped).
+        reward_wait_seconds: time sampling stood still waiting for rewards.
     """
 
     latents: Tensor
@@ -113,6 +116,9 @@ class Rollout:
     log_probs: Tensor | None = None
     seconds: float = 0.0
     dropped_groups: list[int] = field(default_factory=list)
+    sampling_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    reward_wait_seconds: float = 0.0
 
     @property
     def num_groups(self) -> int:
@@ -131,6 +137,9 @@ class Rollout:
             "rollout/reward_std": self.rewards.std(unbiased=False).item(),
             "rollout/zero_std_group_frac": 1.0 - self.informative_groups().numel() / max(self.num_groups, 1),
             "rollout/seconds": self.seconds,
+            "rollout/sampling_seconds": self.sampling_seconds,
+            "rollout/scoring_seconds": self.scoring_seconds,
+            "rollout/reward_wait_seconds": self.reward_wait_seconds,
             "rollout/images": float(self.rewards.numel()),
             "rollout/dropped_groups": float(len(self.dropped_groups)),
         }
@@ -181,9 +190,13 @@ def generate_groups(
     advantage_std: str = "group",
     keep_trajectory: bool = False,
     batch_size: int = 64,
+    overlap_scoring: bool = True,
     progress: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` images for each prompt record, score them and compute advantages.
+
+    Images are sampled, decoded and scored ``batch_size`` at a time; with ``overlap_scoring`` the
+    rewards of one chunk are computed while the next is sampled (same numbers as without).
 
     Member ``j`` of group ``g`` starts from noise seeded by ``(seed, g, j)`` (``group_ids`` default to
     ``0..P-1``; pass global ids so results do not depend on how groups are spread over ranks). Rewards are the
@@ -203,19 +216,12 @@ def generate_groups(
         raise ValueError(f"need {len(records)} distinct group ids, got {group_ids}")
     group_index = torch.tensor(group_ids, dtype=torch.long).repeat_interleave(group_size)
     settings = settings.resolve(backbone)
-    output = sample_latents(
-        backbone,
-        prompts,
-        member_seeds(seed, group_ids, group_size),
-        settings,
-        batch_size=batch_size,
-        return_trajectory=keep_trajectory,
-        progress=progress,
-        description="rollout",
+    seeds = member_seeds(seed, group_ids, group_size)
+    output, components, timing = _sample_and_score(
+        backbone, prompts, seeds, metadata, reward, settings,
+        batch_size=batch_size, keep_trajectory=keep_trajectory, overlap=overlap_scoring, progress=progress,
     )
     latents = output.sample
-    images = backbone.decode(latents)
-    components = reward.components(images, prompts, metadata, batch_size=256, allow_non_finite=True)
     total = reward.total(components)
 
     bad = ~torch.isfinite(total)
@@ -250,7 +256,86 @@ def generate_groups(
         log_probs=log_probs,
         seconds=time.perf_counter() - start_time,
         dropped_groups=dropped,
+        **timing,
     )
+
+
+def _sample_and_score(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    metadata: Sequence[Any],
+    reward: WeightedReward,
+    settings: SamplerSettings,
+    *,
+    batch_size: int,
+    keep_trajectory: bool,
+    overlap: bool,
+    progress: bool,
+) -> tuple[SampleOutput, dict[str, Tensor], dict[str, float]]:
+    """Sample, decode and score ``batch_size`` images at a time.
+
+    With ``overlap`` the rewards of chunk k are computed in a worker thread while chunk k + 1 is
+    sampled (a remote reward waits on the network, a local one runs beside the sampler; torch
+    releases the GIL in both); without it the same chunks are scored in turn. Chunks, and therefore
+    every number, are the same either way. Returns the samples, the reward components ``[N]`` and
+    the timings ``sampling_seconds`` (sampling + decoding), ``scoring_seconds`` (inside the rewards)
+    and ``reward_wait_seconds`` (the time sampling stood still waiting for scores).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    scoring_seconds = 0.0
+
+    def score(images: Tensor, chunk: slice) -> dict[str, Tensor]:
+        nonlocal scoring_seconds
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():  # grad mode is per thread: the worker does not inherit the caller's
+                return reward.components(
+                    images, prompts[chunk], metadata[chunk], batch_size=256, allow_non_finite=True
+                )
+        finally:
+            scoring_seconds += time.perf_counter() - started
+
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="rollout", unit="batch", leave=False)
+    outputs: list[SampleOutput] = []
+    pending: list[Any] = []  # futures (overlap) or finished components
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards") if overlap else None
+    sampling_seconds = wait_seconds = 0.0
+    try:
+        for start in starts:
+            chunk = slice(start, start + batch_size)
+            started = time.perf_counter()
+            output = sample_latents(
+                backbone, prompts[chunk], seeds[chunk], settings, batch_size=batch_size, return_trajectory=keep_trajectory
+            )
+            images = backbone.decode(output.sample)
+            sampling_seconds += time.perf_counter() - started
+            outputs.append(output)
+            if pool is not None:
+                pending.append(pool.submit(score, images, chunk))
+            else:
+                started = time.perf_counter()
+                pending.append(score(images, chunk))
+                wait_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        parts = [part.result() for part in pending] if pool is not None else pending
+        wait_seconds += time.perf_counter() - started
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    output = SampleOutput(
+        sample=torch.cat([o.sample for o in outputs]),
+        trajectory=torch.cat([o.trajectory for o in outputs], dim=1) if keep_trajectory else None,
+        log_probs=torch.cat([o.log_probs for o in outputs], dim=1) if outputs[0].log_probs is not None else None,
+    )
+    components = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    timing = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds, "reward_wait_seconds": wait_seconds}
+    return output, components, timing
 
 
 __all__ = ["Rollout", "generate_groups", "sample_latents"]
