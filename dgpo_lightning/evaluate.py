@@ -55,6 +55,28 @@ def _json_option(text: str | None, flag: str) -> dict[str, Any]:
     return value
 
 
+def _reward_suite(path: str | None) -> tuple[list[str], dict[str, Any]]:
+    """``data.eval_rewards`` and ``data.reward_options`` of a YAML config fragment."""
+    if not path:
+        return [], {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise UsageError(f"--reward-suite: cannot read {path!r}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"--reward-suite: {path} is not valid YAML: {error}") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    names = (data or {}).get("eval_rewards")
+    options = (data or {}).get("reward_options") or {}
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"--reward-suite: {path} needs data.eval_rewards, a list of reward names")
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise UsageError(f"--reward-suite: {path}: data.reward_options must map reward names to option mappings")
+    return names, options
+
+
 class _ShortErrors(argparse.ArgumentParser):
     """A user error in the arguments ends in one line and a hint, not the whole usage."""
 
@@ -79,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reward-options", default=None, help='JSON object {reward: {option: value}}, e.g. \'{"clip_score": {"model_path": "/m/clip"}}\''
+    )
+    parser.add_argument(
+        "--reward-suite", default=None, metavar="FILE.yaml",
+        help="rewards from a config fragment: its data.eval_rewards and data.reward_options (e.g. experiments/eval/ood.yaml)",
     )
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images sampled per prompt (default 4)")
     parser.add_argument(
@@ -105,11 +131,12 @@ def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
 
     if args.backbone != "world" and not args.model:
         raise UsageError(f"--backbone {args.backbone} needs --model PATH (a local pipeline directory or cached hub id)")
-    if args.backbone != "world" and not args.reward:
+    suite_names, suite_options = _reward_suite(args.reward_suite)
+    if args.backbone != "world" and not (args.reward or suite_names):
         # The default GenEval reads images with the embedded world's detector: meaningless elsewhere.
-        raise UsageError(f"--backbone {args.backbone}: name the reward(s) with --reward NAME")
-    reward_names = list(dict.fromkeys(args.reward or ["geneval"]))
-    reward_options = _json_option(args.reward_options, "--reward-options")
+        raise UsageError(f"--backbone {args.backbone}: name the reward(s) with --reward NAME or --reward-suite FILE")
+    reward_names = list(dict.fromkeys((args.reward or []) + suite_names)) or ["geneval"]
+    reward_options = {**suite_options, **_json_option(args.reward_options, "--reward-options")}
     unused = sorted(set(reward_options) - set(reward_names))
     if unused:
         raise UsageError(f"--reward-options names reward(s) {unused} that no --reward asks for")

@@ -229,3 +229,42 @@ def test_tiny_world_batching_does_not_change_the_cli_numbers(tmp_path, tiny_worl
     main([*common, "--batch-size", "1", "--out", str(tmp_path / "b.json")])
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert [r["test_brightness"] for r in a["per_image"]] == pytest.approx([r["test_brightness"] for r in b["per_image"]], abs=1e-6)
+
+
+def test_a_reward_suite_labels_one_reward_kind_twice(tmp_path):
+    """A suite file (``data.eval_rewards`` + ``data.reward_options``) with labels of one reward kind,
+    as the out-of-domain suite's two VLM judges: each label scores as its kind does."""
+    prompts = _write(tmp_path / "p.jsonl", one_record_per_task())
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "data:\n  eval_rewards: [strict, lenient]\n"
+        "  reward_options:\n    strict: {kind: geneval}\n    lenient: {kind: geneval_partial}\n"
+    )
+    common = ["--prompts", str(prompts), "--images-per-prompt", "2", "--seed", "5", "--no-progress"]
+    main([*common, "--reward-suite", str(suite), "--out", str(tmp_path / "suite.json")])
+    main([*common, "--reward", "geneval", "--reward", "geneval_partial", "--out", str(tmp_path / "named.json")])
+    suite_result = json.loads((tmp_path / "suite.json").read_text())
+    named = json.loads((tmp_path / "named.json").read_text())
+    assert suite_result["rewards"]["strict"] == named["rewards"]["geneval"]
+    assert suite_result["rewards"]["lenient"] == named["rewards"]["geneval_partial"]
+    assert suite_result["rewards"]["strict"] != suite_result["rewards"]["lenient"]  # partial credit differs
+
+
+def test_reward_suite_errors_name_the_file(tmp_path, capsys):
+    good = str(_write(tmp_path / "p.jsonl", one_record_per_task()[:1]))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a red circle\n")
+    no_list = tmp_path / "no_list.yaml"
+    no_list.write_text("data:\n  reward_options: {}\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("data:\n  eval_rewards: [judge]\n  reward_options:\n    judge: {kind: no_such_kind}\n")
+    labelled = tmp_path / "labelled.yaml"  # a label of a GenEval kind still needs GenEval metadata
+    labelled.write_text("data:\n  eval_rewards: [strict]\n  reward_options:\n    strict: {kind: geneval}\n")
+    cases = [
+        (["--prompts", good, "--reward-suite", str(tmp_path / "none.yaml")], "--reward-suite: cannot read"),
+        (["--prompts", good, "--reward-suite", str(no_list)], "no_list.yaml needs data.eval_rewards"),
+        (["--prompts", good, "--reward-suite", str(unknown)], "(kind 'no_such_kind')"),
+        (["--prompts", str(plain), "--reward-suite", str(labelled)], "reward 'strict' needs GenEval metadata"),
+    ]
+    for argv, expected in cases:
+        assert expected in _user_error(capsys, [*argv, "--out", str(tmp_path / "r.json"), "--no-progress"]), argv

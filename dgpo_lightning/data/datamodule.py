@@ -16,7 +16,7 @@ from dgpo_lightning.data.validation import check_reward_weights, validate_prompt
 from dgpo_lightning.errors import ConfigError
 from dgpo_lightning.data.rollout import Rollout, generate_groups
 from dgpo_lightning.rewards.base import available as available_rewards
-from dgpo_lightning.rewards.base import build_weighted
+from dgpo_lightning.rewards.base import build_weighted, reward_kind
 from dgpo_lightning.sampling.seeds import resample_seed, rollout_seed
 from dgpo_lightning.errors import check
 from dgpo_lightning.sampling.settings import SamplerName, SamplerSettings
@@ -126,11 +126,11 @@ class RolloutDataModule(L.LightningDataModule):
         check(shift is None or shift > 0, "data.shift", shift, "must be > 0 or null")
         check(noise_level >= 0, "data.noise_level", noise_level, "must be >= 0")
         check(bool(rewards), "data.rewards", rewards, "needs at least one reward")
-        unknown = sorted(set(rewards) - set(available_rewards()))
-        check(not unknown, "data.rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
         eval_rewards = ["geneval"] if eval_rewards is None else list(eval_rewards)
-        unknown = sorted(set(eval_rewards) - set(available_rewards()))
-        check(not unknown, "data.eval_rewards", unknown, f"names unknown rewards; available: {available_rewards()}")
+        for key, names in (("data.rewards", rewards), ("data.eval_rewards", eval_rewards)):
+            unknown = sorted(n for n in names if reward_kind(n, (reward_options or {}).get(n)) not in available_rewards())
+            check(not unknown, key, unknown, f"names unknown rewards; available: {available_rewards()} "
+                  "(a label of your own needs data.reward_options.<label>.kind naming one of them)")
         check(eval_images_per_prompt >= 1, "data.eval_images_per_prompt", eval_images_per_prompt, "must be >= 1")
         check(eval_min_images_per_task >= 0, "data.eval_min_images_per_task", eval_min_images_per_task, "must be >= 0")
         rewards = check_reward_weights(rewards, key="data.rewards")

@@ -86,15 +86,20 @@ def validate_prompt_file(
         raise ConfigError(f"{key}: {error}") from None
     records = prompts.records
 
+    from dgpo_lightning.rewards.base import reward_kind
+
+    def kind(name: str) -> str:
+        return reward_kind(name, (reward_options or {}).get(name))
+
     for name in rewards:
-        if name not in METADATA_REWARDS:
+        if kind(name) not in METADATA_REWARDS:
             continue
         bare = [i for i, r in enumerate(records) if not isinstance(r.get("include"), list)]
         if bare:
-            kind = "a plain-text file" if prompts.path.suffix != ".jsonl" else f"{len(bare)} of its {len(records)} records have no 'include'"
+            found = "a plain-text file" if prompts.path.suffix != ".jsonl" else f"{len(bare)} of its {len(records)} records have no 'include'"
             raise ConfigError(
                 f"{key}: {prompts.where(bare[0])}: reward {name!r} needs GenEval metadata (a .jsonl file with "
-                f"'tag' and 'include' per prompt), but this is {kind}; use a GenEval prompt file or another reward"
+                f"'tag' and 'include' per prompt), but this is {found}; use a GenEval prompt file or another reward"
             )
     from dgpo_lightning.rewards.geneval_rules import check_metadata
 
@@ -104,7 +109,7 @@ def validate_prompt_file(
                 check_metadata(record)
             except ValueError as error:
                 raise ConfigError(f"{key}: {prompts.where(index)}: {error}") from None
-    world_detector = any(name in METADATA_REWARDS and _detector_of(name, reward_options) == "world" for name in rewards)
+    world_detector = any(kind(name) in METADATA_REWARDS and _detector_of(name, reward_options) == "world" for name in rewards)
     if world_detector:
         from dgpo_lightning.world.scene import validate_metadata
 

@@ -8,6 +8,7 @@ from dgpo_lightning.rewards.base import (
     build_weighted,
     check_scores,
     register,
+    reward_kind,
 )
 
-__all__ = ["Reward", "WeightedReward", "available", "build", "build_weighted", "check_scores", "register"]
+__all__ = ["Reward", "WeightedReward", "available", "build", "build_weighted", "check_scores", "register", "reward_kind"]

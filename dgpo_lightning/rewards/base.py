@@ -44,12 +44,27 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_kind(name: str, options: Mapping[str, Any] | None = None) -> str:
+    """The registered reward that ``name`` builds: its ``kind`` option, else ``name`` itself."""
+    return str((options or {}).get("kind", name))
+
+
 def build(name: str, **kwargs: Any) -> Reward:
-    """Instantiate the reward registered as ``name`` (see :func:`available`)."""
+    """Instantiate the reward registered as ``name`` (see :func:`available`).
+
+    A ``kind`` option names the registered reward and makes ``name`` a free label, so one reward can
+    be used twice with different options: ``{"deqa": {"kind": "vlm_judge", "preset": "deqa", ...},
+    "unified_reward": {"kind": "vlm_judge", "preset": "unified_reward", ...}}``.
+    """
     _import_builtin_rewards()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    kind = kwargs.pop("kind", name)
+    if kind not in _REGISTRY:
+        label = f"reward {name!r}" + (f" (kind {kind!r})" if kind != name else "")
+        raise ValueError(
+            f"unknown {label}; available: {', '.join(sorted(_REGISTRY))} "
+            "(a label of your own needs a 'kind' option naming one of them)"
+        )
+    return _REGISTRY[kind](**kwargs)
 
 
 def check_scores(name: str, scores: Tensor, batch_size: int, *, allow_non_finite: bool = False) -> Tensor:

@@ -154,3 +154,19 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     path.write_bytes(b"a photo of a circle\na photo of a \xff square\n")
     with pytest.raises(ConfigError, match=r"p\.txt:2: not UTF-8"):
         validate_prompt_file(path, key="k")
+
+
+def test_reward_labels_with_a_kind_train_and_evaluate():
+    import torch
+
+    data = RolloutDataModule(
+        rewards={"bright": 1.0, "bright_twice": 2.0},
+        reward_options={"bright": {"kind": "test_brightness"}, "bright_twice": {"kind": "test_brightness"}},
+        eval_rewards=["bright"], prompts_per_rank=1, eval_prompts=None,
+    )
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(data.reward(images, ["a"] * 3), 3 * images.mean(dim=(1, 2, 3)))
+    with pytest.raises(ConfigError, match=r"data.rewards=\['mine'\] names unknown rewards.*needs data.reward_options.<label>.kind"):
+        RolloutDataModule(rewards={"mine": 1.0}, prompts_per_rank=1, eval_prompts=None)
+    with pytest.raises(ConfigError, match=r"data.eval_rewards=\['judge'\] names unknown rewards"):
+        RolloutDataModule(eval_rewards=["judge"], reward_options={"judge": {"kind": "nope"}}, prompts_per_rank=1, eval_prompts=None)
