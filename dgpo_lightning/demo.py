@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args=[
             "--config", args.config,
             f"--trainer.default_root_dir={out}",
-            f"--trainer.max_time=00:00:{safety // 60:02d}:{safety % 60:02d}",
+            f"--trainer.max_time={safety // 86400:02d}:{safety // 3600 % 24:02d}:{safety // 60 % 60:02d}:{safety % 60:02d}",
             f"--trainer.logger.init_args.save_dir={out}",
             f"--trainer.callbacks.init_args.max_training_minutes={args.minutes}",
             *overrides,
