@@ -268,3 +268,18 @@ def test_reward_suite_errors_name_the_file(tmp_path, capsys):
     ]
     for argv, expected in cases:
         assert expected in _user_error(capsys, [*argv, "--out", str(tmp_path / "r.json"), "--no-progress"]), argv
+
+
+def test_the_out_of_domain_suite_names_registered_rewards_and_builds_lazily():
+    """experiments/eval/ood.yaml: the paper's five out-of-domain metrics, each label of a registered
+    kind whose options its factory accepts (nothing is loaded or contacted until the first call)."""
+    from pathlib import Path
+
+    from dgpo_lightning.evaluate import _reward_suite
+    from dgpo_lightning.rewards.base import reward_kind
+
+    names, options = _reward_suite(str(Path(__file__).parents[1] / "experiments" / "eval" / "ood.yaml"))
+    assert names == ["aesthetic", "deqa", "imagereward", "pickscore", "unified_reward"]
+    assert {reward_kind(n, options.get(n)) for n in names} == {"aesthetic", "vlm_judge", "imagereward", "pickscore"}
+    for name in names:
+        assert callable(build(name, **dict(options[name])))
