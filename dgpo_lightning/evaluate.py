@@ -22,15 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from dgpo_lightning.errors import ShortErrorsParser, UsageError, json_object_option, read_yaml_option
 from dgpo_lightning.evaluation import EvalResult, evaluate, generate_images, save_grid  # noqa: F401 (re-export)
 from dgpo_lightning.sampling.settings import SAMPLER_NAMES, SamplerSettings
 
 DEFAULT_SAMPLER = "ode_dpm"
 DEFAULT_STEPS = 10
-
-class UsageError(Exception):
-    """A user error: printed as one ``error: ...`` line, exit status 2."""
-
 
 def format_table(summary: Mapping[str, float], name: str = "score") -> str:
     """A two-column text table of one reward's summary (tasks, then ``overall``)."""
@@ -41,32 +38,11 @@ def format_table(summary: Mapping[str, float], name: str = "score") -> str:
     return "\n".join(lines)
 
 
-def _json_option(text: str | None, flag: str) -> dict[str, Any]:
-    """A JSON object given inline or as the path of a ``.json`` file."""
-    if not text:
-        return {}
-    path = Path(text)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{flag}: not valid JSON ({error.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag}: expected a JSON object, got {text!r}")
-    return value
-
-
 def _reward_suite(path: str | None) -> tuple[list[str], dict[str, Any]]:
     """``data.eval_rewards`` and ``data.reward_options`` of a YAML config fragment."""
     if not path:
         return [], {}
-    import yaml
-
-    try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as error:
-        raise UsageError(f"--reward-suite: cannot read {path!r}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"--reward-suite: {path} is not valid YAML: {error}") from None
+    config = read_yaml_option(path, "--reward-suite") or {}
     data = config.get("data") if isinstance(config, dict) else None
     names = (data or {}).get("eval_rewards")
     options = (data or {}).get("reward_options") or {}
@@ -77,15 +53,8 @@ def _reward_suite(path: str | None) -> tuple[list[str], dict[str, Any]]:
     return names, options
 
 
-class _ShortErrors(argparse.ArgumentParser):
-    """A user error in the arguments ends in one line and a hint, not the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n(see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ShortErrors(
+    parser = ShortErrorsParser(
         prog="python -m dgpo_lightning.evaluate",
         description="Held-out evaluation of a text-to-image backbone on a prompt file, with any rewards.",
         allow_abbrev=False,
@@ -136,7 +105,7 @@ def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
         # The default GenEval reads images with the embedded world's detector: meaningless elsewhere.
         raise UsageError(f"--backbone {args.backbone}: name the reward(s) with --reward NAME or --reward-suite FILE")
     reward_names = list(dict.fromkeys((args.reward or []) + suite_names)) or ["geneval"]
-    reward_options = {**suite_options, **_json_option(args.reward_options, "--reward-options")}
+    reward_options = {**suite_options, **json_object_option(args.reward_options, "--reward-options")}
     unused = sorted(set(reward_options) - set(reward_names))
     if unused:
         raise UsageError(f"--reward-options names reward(s) {unused} that no --reward asks for")
@@ -150,7 +119,7 @@ def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
             vocabulary=world_vocabulary(args.model) if args.backbone == "world" else None,
         ).records
         rewards = {name: build(name, **dict(reward_options.get(name) or {})) for name in reward_names}
-        backbone = load_backbone(args.backbone, args.model, **_json_option(args.backbone_options, "--backbone-options"))
+        backbone = load_backbone(args.backbone, args.model, **json_object_option(args.backbone_options, "--backbone-options"))
         if args.device:
             backbone = backbone.to(args.device)
         if args.adapter:

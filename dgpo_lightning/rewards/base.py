@@ -80,6 +80,14 @@ def check_scores(name: str, scores: Tensor, batch_size: int, *, allow_non_finite
     return scores.detach().float().cpu()
 
 
+def check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
+    """Refuse anything but ``images [B, 3, H, W]`` (with ``B`` prompts, when given), naming the reward."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"reward {name!r}: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    if prompts is not None and len(prompts) != images.shape[0]:
+        raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+
+
 class WeightedReward:
     """``r(x) = Σ_k w_k · r_k(x)``; also exposes each component through :meth:`components`."""
 

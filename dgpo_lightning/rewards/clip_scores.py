@@ -28,14 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgpo_lightning.rewards.base import register
-
-
-def check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"reward {name!r}: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
-    if prompts is not None and len(prompts) != images.shape[0]:
-        raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+from dgpo_lightning.rewards.base import check_images, register
 
 
 def resolve_local_path(path: str | Path | None, what: str, kwarg: str) -> str:

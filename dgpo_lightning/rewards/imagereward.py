@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from dgpo_lightning.rewards.base import register
-from dgpo_lightning.rewards.clip_scores import check_images, clip_preprocess, resolve_local_path
+from dgpo_lightning.rewards.base import check_images
+from dgpo_lightning.rewards.clip_scores import clip_preprocess, resolve_local_path
 
 #: Normalisation of the raw head output, from the released model.
 SCORE_MEAN = 0.16717362830052426

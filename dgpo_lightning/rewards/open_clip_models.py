@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgpo_lightning.rewards.base import register
+from dgpo_lightning.rewards.base import check_images, register
 
 #: HPSv2's architecture: open_clip ViT-H-14 (the released checkpoints are its fine-tuned weights).
 HPS_MODEL_NAME = "ViT-H-14"
@@ -184,8 +184,6 @@ class HPSReward:
         self.scale = float(scale)
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
-        from dgpo_lightning.rewards.clip_scores import check_images
-
         check_images("hpsv2", images, prompts)
         image = self.clip.image_embeddings(images)
         text = self.clip.text_embeddings(prompts, images.device)

@@ -72,21 +72,17 @@ attributes so that LitServe's spawned worker can unpickle them.
 # request model) as a class, and pydantic reads the models' annotations, both at run time.
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from dgpo_lightning.errors import ShortErrorsParser, UsageError, json_object_option, read_yaml_option
 
 #: Version of the JSON protocol (``/info`` shows it).
 PROTOCOL = 1
 ENCODINGS = ("float32", "uint8", "png")
 _ITEMSIZE = {"float32": 4, "uint8": 1}
 _SERVER_CLASSES = ("ImageArray", "ScoreRequest", "RewardAPI")
-
-
-class UsageError(Exception):
-    """A user error on the command line: printed as one ``error: ...`` line, exit status 2."""
 
 
 # --------------------------------------------------------------------------- wire helpers (no heavy imports)
@@ -379,15 +375,8 @@ def _install_error_handler(app: Any) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-class _ShortErrors(argparse.ArgumentParser):
-    """A user error in the arguments ends in one line and a hint, not the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n(see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ShortErrors(
+    parser = ShortErrorsParser(
         prog="python -m dgpo_lightning.rewards.serve",
         description="Serve a registered reward (or a weighted set) over HTTP for rewards.build('remote', url=...).",
         allow_abbrev=False,
@@ -414,15 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _weights(names: Sequence[str] | None, text: str | None) -> dict[str, float]:
-    given: dict[str, Any] = {}
-    if text:
-        path = Path(text)
-        try:
-            given = json.loads(path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else text)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--weights: not valid JSON ({error.msg}): {text!r}") from None
-        if not isinstance(given, dict):
-            raise UsageError(f"--weights: expected a JSON object {{reward: weight}}, got {text!r}")
+    given = json_object_option(text, "--weights")
     names = list(dict.fromkeys(names or given))
     if not names:
         raise UsageError("name the reward(s) to serve with --reward NAME (or --weights '{\"NAME\": 1.0}')")
@@ -441,14 +422,7 @@ def _weights(names: Sequence[str] | None, text: str | None) -> dict[str, float]:
 def _options(path: str | None, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     if not path:
         return {}
-    import yaml
-
-    try:
-        options = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as error:
-        raise UsageError(f"--options: cannot read {path!r}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"--options: {path} is not valid YAML: {error}") from None
+    options = read_yaml_option(path, "--options") or {}
     if not isinstance(options, dict) or not all(isinstance(v, dict) or v is None for v in options.values()):
         raise UsageError(f"--options: {path} must map reward names to option mappings (as data.reward_options)")
     unused = sorted(set(options) - set(names))

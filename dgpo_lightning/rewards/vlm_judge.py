@@ -95,8 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgpo_lightning.rewards.base import register
-from dgpo_lightning.rewards.clip_scores import check_images
+from dgpo_lightning.rewards.base import check_images, register
 
 logger = logging.getLogger(__name__)
 
