@@ -80,6 +80,13 @@ def check_scores(name: str, scores: Tensor, batch_size: int, *, allow_non_finite
     return scores.detach().float().cpu()
 
 
+def place_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move a lazily loaded scorer to ``device`` unless it is there (``Module.to`` walks every
+    parameter, so it is skipped on the calls that need no move)."""
+    if next(model.parameters()).device != device:
+        model.to(device)
+
+
 def check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
     """Refuse anything but ``images [B, 3, H, W]`` (with ``B`` prompts, when given), naming the reward."""
     if images.ndim != 4 or images.shape[1] != 3:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgpo_lightning.rewards.base import check_images, register
+from dgpo_lightning.rewards.base import check_images, place_model, register
 
 
 def resolve_local_path(path: str | Path | None, what: str, kwarg: str) -> str:
@@ -127,9 +127,7 @@ class ClipBackend(nn.Module):
                     f"{self.what}: could not load a CLIP model from {model_path!r} / processor from "
                     f"{processor_path!r}: {error}"
                 ) from error
-        target = self.device_override or device
-        if next(self.model.parameters()).device != target:
-            self.model.to(target)
+        place_model(self.model, self.device_override or device)
 
     @property
     def logit_scale(self) -> Tensor:

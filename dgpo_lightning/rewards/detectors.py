@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dgpo_lightning.models.mask2former import instance_head_class
+from dgpo_lightning.rewards.base import place_model
 from dgpo_lightning.rewards.clip_scores import ClipBackend, make_clip_backend, resolve_local_path
 from dgpo_lightning.rewards.geneval_rules import MAX_OBJECTS, THRESHOLD, Detection, geneval_ranking, register_detector
 
@@ -247,9 +248,7 @@ class Mask2FormerClipDetector:
                     f"image processor from {processor_path!r}: {error}"
                 ) from error
             self.model = model.eval().requires_grad_(False)
-        target = self.device_override or device
-        if next(self.model.parameters()).device != target:
-            self.model.to(target)
+        place_model(self.model, self.device_override or device)
         self.clip.load(device)
 
     def class_name(self, label: int) -> str:

@@ -30,8 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dgpo_lightning.rewards.base import register
-from dgpo_lightning.rewards.base import check_images
+from dgpo_lightning.rewards.base import check_images, place_model, register
 from dgpo_lightning.rewards.clip_scores import clip_preprocess, resolve_local_path
 
 #: Normalisation of the raw head output, from the released model.
@@ -297,9 +296,7 @@ class ImageRewardScorer:
             load_weights(model, path)
             self.model = model.to(self.dtype).eval().requires_grad_(False)
             self.model.head.float()
-        target = self.device_override or device
-        if next(self.model.parameters()).device != target:
-            self.model.to(target)
+        place_model(self.model, self.device_override or device)
 
     def tokenize(self, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)`` ``[B, max_length]``: padded to ``max_length``, truncated."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgpo_lightning.rewards.base import check_images, register
+from dgpo_lightning.rewards.base import check_images, place_model, register
 
 #: HPSv2's architecture: open_clip ViT-H-14 (the released checkpoints are its fine-tuned weights).
 HPS_MODEL_NAME = "ViT-H-14"
@@ -139,9 +139,7 @@ class OpenClipBackend(nn.Module):
                 fill_color=preprocess.get("fill_color", 0),
             )
             self.model = model.to(self.dtype).eval().requires_grad_(False)
-        target = self.device_override or device
-        if next(self.model.parameters()).device != target:
-            self.model.to(target)
+        place_model(self.model, self.device_override or device)
 
     # ------------------------------------------------------------------ embeddings
 
