@@ -35,3 +35,19 @@ def one_record_per_task(split: str = "test") -> list[dict]:
     for record in load_prompt_records(f"world:{split}"):
         seen.setdefault(record["tag"], record)
     return [seen[tag] for tag in TAGS]
+
+
+def send_json(handler, status: int, payload) -> None:
+    """Answer an ``http.server`` request with ``payload`` as JSON; a client that already gave up
+    (the timeout tests) is not an error of the test server."""
+    import json
+
+    data = json.dumps(payload).encode()
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass

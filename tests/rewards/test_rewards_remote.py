@@ -34,6 +34,7 @@ from PIL import Image
 from dgpo_lightning import rewards
 from dgpo_lightning.data.prompts import load_prompt_records
 from dgpo_lightning.rewards import serve
+from helpers import send_json
 from dgpo_lightning.rewards.remote import (
     RemoteRequestError,
     RemoteReward,
@@ -334,15 +335,7 @@ class ScriptedServer:
                     outer.release.wait(20)
                     step = (200, {"scores": []})
                 status, payload = step
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send_json(self, status, payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

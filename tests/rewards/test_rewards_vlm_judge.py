@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dgpo_lightning import rewards
+from helpers import send_json
 from dgpo_lightning.rewards.vlm_judge import DEQA_TEMPLATE, rating_expectation
 
 MODEL = "fake-judge"
@@ -78,15 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-            pass
+        send_json(self, status, payload)
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") != "/v1/models":
