@@ -182,7 +182,8 @@ class DGPOModule(L.LightningModule):
         if hp.finetune == "lora":
             from dgpo_lightning.models.lora import add_lora
 
-            add_lora(denoiser, rank=hp.lora_rank, alpha=hp.lora_alpha, target_modules=hp.lora_targets)
+            targets = hp.lora_targets or getattr(backbone, "lora_targets", None) or None  # the backbone's peers' default
+            add_lora(denoiser, rank=hp.lora_rank, alpha=hp.lora_alpha, target_modules=targets)
         self.reference = Reference(
             backbone, lora=hp.finetune == "lora", kind=hp.reference, decay=hp.reference_decay, offload=hp.offload_reference
         )

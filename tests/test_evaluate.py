@@ -217,7 +217,7 @@ def test_sd3_adapter_on_the_world_is_a_user_error(sd3_run, tmp_path, capsys):
     good = str(_write(tmp_path / "p.jsonl", one_record_per_task()[:1]))
     message = _user_error(capsys, ["--prompts", good, "--adapter", str(sd3_run["adapter"]),
                                    "--out", str(tmp_path / "r.json"), "--no-progress"])
-    assert "diffusers SD3 LoRA" in message
+    assert "holds a diffusers LoRA" in message
 
 
 def test_tiny_world_batching_does_not_change_the_cli_numbers(tmp_path, tiny_world_path):

@@ -6,10 +6,10 @@ backbone keeps pointing at the same ``denoiser`` object.
 
 Two on-disk formats:
 
-* SD3 transformers are saved with diffusers' ``StableDiffusion3Pipeline.save_lora_weights``
-  (``pytorch_lora_weights.safetensors``, keys prefixed ``transformer.``, the ``LoraConfig`` stored as
-  adapter metadata so that ``lora_alpha`` survives), which a plain pipeline reads with
-  ``pipe.load_lora_weights(directory)``.
+* Denoisers of a diffusers pipeline with a backbone here (SD3, FLUX.1, Qwen-Image, ...) are saved
+  with that pipeline class's own ``save_lora_weights`` (``pytorch_lora_weights.safetensors``, keys
+  prefixed ``transformer.``, the ``LoraConfig`` stored as adapter metadata so that ``lora_alpha``
+  survives), which a plain pipeline reads with ``pipe.load_lora_weights(directory)``.
 * Any other denoiser (e.g. the embedded world's network) is saved in peft's own layout
   (``adapter_model.safetensors`` + ``adapter_config.json``).
 
@@ -26,8 +26,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-#: The official DGPO recipe's targets (rank 64, alpha 128): every projection of SD3's joint
-#: attention, image stream (``to_*``) and text stream (``add_*``, ``to_add_out``).
+#: The official DGPO recipe's targets on SD3 (rank 64, alpha 128): every projection of the joint
+#: attention, image stream (``to_*``) and text stream (``add_*``, ``to_add_out``). Also the default
+#: for denoisers without a backbone class of their own (the embedded world's).
 SD3_TARGET_MODULES: tuple[str, ...] = (
     "to_q",
     "to_k",
@@ -55,7 +56,8 @@ def _has_module(model: nn.Module, target: str) -> bool:
 
 
 def resolve_target_modules(denoiser: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
-    """The requested target names (default :data:`SD3_TARGET_MODULES`) that ``denoiser`` has.
+    """The requested target names (default :data:`SD3_TARGET_MODULES`; backbones name their own
+    in ``lora_targets``, which the Lightning module passes) that ``denoiser`` has.
 
     Names are matched like peft does: a module whose qualified name equals or ends with
     ``"." + target``. Missing names are skipped (SD3's last block has no ``to_add_out``; a UNet has no
@@ -189,19 +191,24 @@ def lora_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
     return get_peft_model_state_dict(_denoiser(model), adapter_name=adapter_name)
 
 
-def _is_sd3_transformer(denoiser: nn.Module) -> bool:
-    try:
-        from diffusers import SD3Transformer2DModel
-    except ImportError:  # pragma: no cover - diffusers is a core dependency
-        return False
-    return isinstance(denoiser, SD3Transformer2DModel)
+def _lora_pipeline(model: nn.Module):
+    """The diffusers pipeline class that writes and reads the LoRA of ``model`` (a diffusers
+    backbone names it in ``pipeline_class``; ``None``, e.g. for a bare denoiser: peft's format)."""
+    name = getattr(model, "pipeline_class", None)
+    if not name:
+        return None
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def save_lora(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> Path:
     """Save the adapter of ``model`` (a backbone or a denoiser) to ``directory``.
 
-    SD3 transformers are written in diffusers' LoRA format (``pipe.load_lora_weights(directory)``
-    loads them); other networks in peft's format. Returns ``directory``.
+    Diffusers backbones (SD3, FLUX.1, ...) are written in their pipeline's LoRA format
+    (``pipe.load_lora_weights(directory)`` loads them); other networks, and bare denoisers, in
+    peft's format. Returns
+    ``directory``.
     """
     from safetensors.torch import save_file
 
@@ -212,10 +219,9 @@ def save_lora(model: nn.Module, directory: str | Path, adapter_name: str = DEFAU
     directory.mkdir(parents=True, exist_ok=True)
     config = denoiser.peft_config[adapter_name]
     state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(denoiser, adapter_name).items()}
-    if _is_sd3_transformer(denoiser):
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(
+    pipeline_type = _lora_pipeline(model)
+    if pipeline_type is not None:
+        pipeline_type.save_lora_weights(
             directory,
             transformer_lora_layers=state,
             transformer_lora_adapter_metadata=config.to_dict(),
@@ -290,16 +296,16 @@ def load_lora(
 def load_adapter(backbone: nn.Module, directory: str | Path, adapter_name: str | None = None) -> str:
     """Apply an exported LoRA adapter (:func:`save_lora`, ``<run>/final/adapter``) for inference.
 
-    The library that wrote the format reads it back: a diffusers SD3 LoRA
-    (``pytorch_lora_weights.safetensors``) goes through ``StableDiffusion3Pipeline.load_lora_weights``
-    of the backbone's pipeline; a peft adapter (``adapter_model.safetensors`` +
+    The library that wrote the format reads it back: a diffusers LoRA
+    (``pytorch_lora_weights.safetensors``) goes through ``load_lora_weights`` of the backbone's
+    pipeline (SD3, FLUX.1, Qwen-Image, ...); a peft adapter (``adapter_model.safetensors`` +
     ``adapter_config.json``) is injected with its saved ``LoraConfig`` and filled with peft's
     ``load_peft_weights`` / ``set_peft_model_state_dict``. The adapter is active and frozen.
 
     Args:
-        backbone: a backbone (``.denoiser``; SD3 also ``.pipeline``) or a bare denoiser.
+        backbone: a backbone (``.denoiser``; diffusers backbones also ``.pipeline``) or a bare denoiser.
         directory: the adapter directory.
-        adapter_name: peft adapter name (default: ``"default"``; diffusers picks its own for SD3).
+        adapter_name: peft adapter name (default: ``"default"``; diffusers picks its own for its pipelines).
 
     Returns:
         The name the adapter was loaded under.
@@ -314,19 +320,19 @@ def load_adapter(backbone: nn.Module, directory: str | Path, adapter_name: str |
     denoiser = _denoiser(backbone)
     if (directory / _DIFFUSERS_WEIGHTS).is_file():
         pipeline = getattr(backbone, "pipeline", None)
-        if pipeline is None or not _is_sd3_transformer(denoiser):
+        if pipeline is None or _lora_pipeline(backbone) is None:
             raise ValueError(
-                f"{directory} holds a diffusers SD3 LoRA ({_DIFFUSERS_WEIGHTS}) but the model is a "
-                f"{type(denoiser).__name__}, not an SD3 pipeline"
+                f"{directory} holds a diffusers LoRA ({_DIFFUSERS_WEIGHTS}) but the model is a "
+                f"{type(denoiser).__name__}, not a diffusers pipeline's denoiser"
             )
         before = set(getattr(denoiser, "peft_config", {}) or {})
         try:
             pipeline.load_lora_weights(str(directory), adapter_name=adapter_name)
         except (KeyError, RuntimeError, ValueError) as error:
-            raise ValueError(f"LoRA from {directory} does not fit this SD3 transformer: {error}") from error
+            raise ValueError(f"LoRA from {directory} does not fit this {type(denoiser).__name__}: {error}") from error
         added = [name for name in denoiser.peft_config if name not in before]
         if not added:
-            raise ValueError(f"{directory}: no LoRA weight applied to the SD3 transformer (text-encoder-only LoRA?)")
+            raise ValueError(f"{directory}: no LoRA weight applied to the {type(denoiser).__name__} (text-encoder-only LoRA?)")
         name = added[0]
     elif (directory / _PEFT_WEIGHTS).is_file() and (directory / _PEFT_CONFIG).is_file():
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict

@@ -8,11 +8,14 @@ from torch import nn
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a denoiser: a transformer's ``transformer_blocks`` or a UNet's
-    down/mid/up blocks (each becomes its own shard unit, so one block is gathered at a time)."""
+    """The repeated blocks of a denoiser: the elements of each of its top-level ``nn.ModuleList``s
+    (SD3's ``transformer_blocks``; FLUX's ``transformer_blocks`` and ``single_transformer_blocks``;
+    Z-Image's ``noise_refiner``, ``context_refiner`` and ``layers``; a UNet's down/up blocks) and a
+    UNet's ``mid_block``. Each becomes its own shard unit, so one block is gathered at a time."""
     units: list[nn.Module] = []
-    for name in ("transformer_blocks", "down_blocks", "up_blocks"):
-        units.extend(getattr(model, name, None) or [])
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            units.extend(child)
     if getattr(model, "mid_block", None) is not None:
         units.append(model.mid_block)
     return units

@@ -74,7 +74,7 @@ def test_bad_adapter_paths_are_named(tmp_path):
     sd3 = SD3Backbone.from_pipeline(build_tiny_sd3(seed=0), resolution=RES)
     add_lora(sd3.denoiser, rank=2)
     save_lora(sd3, tmp_path / "sd3_adapter")
-    with pytest.raises(ValueError, match="not an SD3 pipeline"):
+    with pytest.raises(ValueError, match="not a diffusers pipeline's denoiser"):
         load_adapter(backbone, tmp_path / "sd3_adapter")
     # A world adapter whose targets the SD3 transformer lacks.
     world = tiny_backbone()

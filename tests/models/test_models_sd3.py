@@ -84,7 +84,7 @@ def test_encode_prompts_matches_pipeline_and_uses_cache(shared, monkeypatch):
     # Prompts first seen inside inference_mode (validation rollouts) are cached as normal tensors.
     with torch.inference_mode():
         backbone.encode_prompts(["three purple birds"])
-    assert not backbone._cache["three purple birds"][0].is_inference()
+    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
 
 
 def test_offloaded_text_encoders_visit_the_device_only_to_encode(shared):
