@@ -14,7 +14,11 @@ from typing import Any, Callable
 #: Built-in loaders, ``name -> "module:function"``; each function takes ``(path, **options)``.
 BUILTIN_BACKBONES: dict[str, str] = {
     "world": "dgpo_lightning.world.backbone:load_backbone",
-    "sd3": "dgpo_lightning.models.factory:load_sd3",
+    "sd3": "dgpo_lightning.models.factory:load_sd3",  # SD3 and SD3.5 Medium/Large
+    "flux": "dgpo_lightning.models.flux:load_backbone",  # FLUX.1 dev (guidance-distilled) and schnell
+    "qwen_image": "dgpo_lightning.models.qwen_image:load_backbone",
+    "sana": "dgpo_lightning.models.sana:load_backbone",
+    "z_image": "dgpo_lightning.models.z_image:load_backbone",
 }
 
 #: Kept for callers that list the built-in names.
