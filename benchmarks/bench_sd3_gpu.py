@@ -72,6 +72,25 @@ SD35_MEDIUM: dict[str, Any] = {
     "dual_attention_layers": tuple(range(13)),
     "qk_norm": "rms_norm",
 }
+#: SD3.5-Large's transformer (stabilityai/stable-diffusion-3.5-large, transformer/config.json): plain
+#: MMDiT blocks (no ``dual_attention_layers``), QK RMS-norm, 38 blocks of 38 heads x 64 (inner width
+#: 2432), a 192² positional table for sample size 128. diffusers' single-file loader recognises it by
+#: its 38th joint block (``joint_blocks.37``).
+SD35_LARGE: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+    "dual_attention_layers": (),
+    "qk_norm": "rms_norm",
+}
 #: Text tokens SD3 feeds the transformer: 77 CLIP tokens + 256 T5 tokens (diffusers' default).
 SD3_TEXT_TOKENS = 77 + 256
 
@@ -91,7 +110,7 @@ TINY: dict[str, Any] = {
     "dual_attention_layers": (0,),
     "qk_norm": "rms_norm",
 }
-CONFIGS = {"sd35_medium": (SD35_MEDIUM, SD3_TEXT_TOKENS), "tiny": (TINY, 12)}
+CONFIGS = {"sd35_medium": (SD35_MEDIUM, SD3_TEXT_TOKENS), "sd35_large": (SD35_LARGE, SD3_TEXT_TOKENS), "tiny": (TINY, 12)}
 VAE_SCALE_FACTOR = 8  # SD3's VAE: 4 levels, 3 downsamplings
 PROMPT = "a photo of a red apple to the left of a blue cup"
 
