@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Iterator, Literal
 
 import lightning as L
@@ -60,6 +62,7 @@ class RolloutDataModule(L.LightningDataModule):
             ``guidance_scale=None`` take the backbone's recommended values; ``noise_level`` is the SDE's ``a``).
         rewards: ``{name: weight}`` of registered rewards; ``reward_options``: ``{name: kwargs}``.
         advantage_std: normalise advantages by the ``group`` or ``global`` reward std.
+        advantage_clip: clip advantages to ``±advantage_clip`` (the official recipe: 5; ``None``: off).
         skip_zero_std_groups: do not train on groups whose rewards are all equal (zero advantages
             give zero DGPO gradient; skipping them saves the compute). Every rank then trains on the
             same number of batches (the minimum over ranks) so no rank waits in a collective.
@@ -95,6 +98,7 @@ class RolloutDataModule(L.LightningDataModule):
         rewards: dict[str, float] | None = None,
         reward_options: dict[str, dict[str, Any]] | None = None,
         advantage_std: Literal["group", "global"] = "group",
+        advantage_clip: float | None = None,
         skip_zero_std_groups: bool = True,
         balance_tags: bool = True,
         rollout_batch_size: int = 64,
@@ -115,6 +119,10 @@ class RolloutDataModule(L.LightningDataModule):
         check(group_size >= 2, "data.group_size", group_size, "must be >= 2 (a group needs a preference)")
         check(prompts_per_rank >= 1, "data.prompts_per_rank", prompts_per_rank, "must be >= 1")
         check(groups_per_batch >= 1, "data.groups_per_batch", groups_per_batch, "must be >= 1")
+        check(
+            advantage_clip is None or (isinstance(advantage_clip, (int, float)) and math.isfinite(advantage_clip) and advantage_clip > 0),
+            "data.advantage_clip", advantage_clip, "must be a finite number > 0 or null",
+        )
         check(
             groups_per_batch <= prompts_per_rank,
             "data.groups_per_batch",
@@ -233,6 +241,7 @@ class RolloutDataModule(L.LightningDataModule):
             group_ids=group_ids,
             settings=self.rollout_settings,
             advantage_std=hp.advantage_std,
+            advantage_clip=hp.advantage_clip,
             keep_trajectory=keep_trajectory,
             batch_size=hp.rollout_batch_size,
             overlap_scoring=hp.overlap_scoring,

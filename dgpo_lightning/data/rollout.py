@@ -188,6 +188,7 @@ def generate_groups(
     group_ids: Sequence[int] | None = None,
     settings: SamplerSettings = SamplerSettings(),
     advantage_std: str = "group",
+    advantage_clip: float | None = None,
     keep_trajectory: bool = False,
     batch_size: int = 64,
     overlap_scoring: bool = True,
@@ -200,7 +201,8 @@ def generate_groups(
 
     Member ``j`` of group ``g`` starts from noise seeded by ``(seed, g, j)`` (``group_ids`` default to
     ``0..P-1``; pass global ids so results do not depend on how groups are spread over ranks). Rewards are the
-    weighted sum of ``reward``'s components; groups where any component is non-finite for any
+    weighted sum of ``reward``'s components, normalised into advantages with ``advantage_std`` and
+    clipped to ``±advantage_clip`` when given (the official recipe: 5); groups where any component is non-finite for any
     member are reported with a warning and dropped (never silently zeroed).
 
     Returns:
@@ -239,7 +241,7 @@ def generate_groups(
             raise RuntimeError("every rollout group had a non-finite reward; check the reward models")
     index = keep.nonzero().flatten()
     rewards = total[index]
-    advantages = group_advantages(rewards, group_index[index], std=advantage_std)
+    advantages = group_advantages(rewards, group_index[index], std=advantage_std, clip=advantage_clip)
     trajectory = output.trajectory.transpose(0, 1)[index.to(latents.device)].cpu() if keep_trajectory else None
     log_probs = output.log_probs.transpose(0, 1)[index.to(latents.device)].cpu() if output.log_probs is not None else None
     return Rollout(

@@ -109,3 +109,16 @@ def test_a_failing_reward_stops_the_rollout_with_its_error(world, overlap):
     with pytest.raises(RuntimeError, match="127.0.0.1:1 is down"):
         _rollout(world, WeightedReward({"failing": failing}), overlap=overlap)
     assert not [t for t in threading.enumerate() if t.name.startswith("rewards")]  # no worker left behind
+
+
+def test_advantage_clip_bounds_the_rollouts_advantages(world):
+    from dgpo_lightning.algo import group_advantages
+
+    reward = WeightedReward({"brightness": brightness}, {"brightness": 1.0})
+    kwargs = dict(seed=7, settings=SamplerSettings("ode_dpm", num_steps=2), batch_size=12)
+    plain = generate_groups(world, RECORDS, 4, reward, **kwargs)
+    clipped = generate_groups(world, RECORDS, 4, reward, advantage_clip=0.5, **kwargs)
+    assert plain.advantages.abs().max() > 0.5  # the clip bites
+    expected = group_advantages(plain.rewards, plain.group_index, std="group").clamp(-0.5, 0.5)
+    torch.testing.assert_close(clipped.advantages, expected)
+    assert torch.equal(clipped.rewards, plain.rewards)
