@@ -1,0 +1,330 @@
+"""Z-Image / Z-Image-Turbo backbone on a tiny random ZImagePipeline built offline (no hub, CPU).
+
+Every number is compared against diffusers' own code: ``encode_prompt``, the transformer called as
+the pipeline calls it, and the pipeline's denoising loop (``pipe(..., output_type="latent")``)."""
+
+import math
+
+import pytest
+import torch
+
+from dgpo_lightning.models.backbone import Backbone
+from dgpo_lightning.models.lora import add_lora, load_adapter, load_lora, reference_mode, save_lora, trainable_parameters
+from dgpo_lightning.models.sharding import shard_units
+from dgpo_lightning.models.testing.z_image import build_tiny_z_image
+from dgpo_lightning.models.z_image import Z_IMAGE_TARGET_MODULES, ZImageBackbone
+from dgpo_lightning.sampling import flow_sigmas, ode_euler
+
+RES = 32
+PROMPTS = ["a photo of a cat", "a green bench to the left of a yellow umbrella", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    pipe = build_tiny_z_image(seed=0)
+    return pipe, ZImageBackbone.from_pipeline(pipe, resolution=RES)
+
+
+def _fresh(seed=0, **kwargs):
+    return ZImageBackbone.from_pipeline(build_tiny_z_image(seed=seed), resolution=RES, **kwargs)
+
+
+def _inputs(backbone, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
+
+
+def _randomise_lora_b(denoiser, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+
+
+def _direct(transformer, x, t, captions):
+    """The transformer called exactly as ZImagePipeline.__call__ calls it, output as its noise_pred."""
+    out = transformer(list(x.unsqueeze(2).unbind(0)), (1000 - 1000 * t) / 1000, captions, return_dict=False)[0]
+    return -torch.stack([o.float() for o in out]).squeeze(2)
+
+
+def test_protocol_shapes_and_model_flags(shared, tmp_path):
+    pipe, backbone = shared
+    assert isinstance(backbone, Backbone)
+    assert backbone.latent_shape() == (16, RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor)
+    with pytest.raises(ValueError, match="multiple of 4"):  # vae_scale_factor 2 x 2, the pipeline's rule
+        ZImageBackbone.from_pipeline(pipe, resolution=30)
+    # Base: true CFG, the pipeline's guidance_scale 4 (= package 5); Turbo: none.
+    assert (backbone.turbo, backbone.cfg_mode, backbone.default_guidance_scale) == (False, "true", 5.0)
+    turbo = ZImageBackbone.from_pipeline(pipe, resolution=RES, turbo=True)
+    assert (turbo.cfg_mode, turbo.default_guidance_scale) == ("none", 1.0)
+    assert ZImageBackbone.cfg_mode == "true"  # per instance, the class is untouched
+    # Z-Image-Turbo's scheduler: shift 3, no dynamic shifting.
+    assert backbone.shift == 3.0
+    pipe.save_pretrained(tmp_path / "Z-Image-Turbo")
+    assert ZImageBackbone.from_pretrained(tmp_path / "Z-Image-Turbo", resolution=RES).turbo  # inferred from the name
+    assert not ZImageBackbone.from_pretrained(tmp_path / "Z-Image-Turbo", resolution=RES, turbo=False).turbo
+
+
+def test_encode_prompts_matches_pipeline_pads_and_caches(shared, monkeypatch):
+    pipe, _ = shared
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES)
+    prompts = list(PROMPTS)
+    cond = backbone.encode_prompts(prompts)
+    assert prompts == PROMPTS  # encode_prompt rewrites its list in place: the backbone passes a copy
+    reference, negative = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=False)
+    assert negative == [] and [r.shape[0] for r in reference][:2] != [reference[0].shape[0]] * 2  # lengths differ
+    lengths = cond["prompt_mask"].sum(1).tolist()
+    assert lengths == [r.shape[0] for r in reference]
+    assert cond["prompt_embeds"].shape == (3, max(lengths), pipe.text_encoder.config.hidden_size)
+    for i, ref in enumerate(reference):
+        torch.testing.assert_close(cond["prompt_embeds"][i, : lengths[i]], ref)
+        assert not cond["prompt_embeds"][i, lengths[i]:].any()
+    # The hidden state is the text encoder's second-to-last, of the chat-templated prompt.
+    text = pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert text == f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n"
+    ids = pipe.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-2][0]
+    torch.testing.assert_close(cond["prompt_embeds"][0, : lengths[0]], hidden, rtol=1e-4, atol=1e-5)
+    assert backbone.cache_misses == 2
+
+    calls = []
+    original = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda **kw: calls.append(list(kw["prompt"])) or original(**kw))
+    again = backbone.encode_prompts([PROMPTS[1], "a red apple"])
+    assert calls == [["a red apple"]] and backbone.cache_hits == 1
+    torch.testing.assert_close(again["prompt_embeds"][0, : lengths[1]], reference[1])
+    with torch.inference_mode():
+        backbone.encode_prompts(["three purple birds"])
+    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+
+
+def test_velocity_is_negated_transformer_at_one_minus_t_and_batch_independent(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    captions, _ = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=False)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        v = backbone.velocity(x, t, cond)
+        expected = _direct(pipe.transformer, x, t, captions)
+        torch.testing.assert_close(v, expected)
+        # A mixed batch (different caption lengths) equals each prompt alone.
+        for i, prompt in enumerate(PROMPTS):
+            alone = backbone.velocity(x[i : i + 1], t[i : i + 1], backbone.encode_prompts([prompt]))
+            torch.testing.assert_close(v[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(backbone.velocity(x, 0.5, cond), backbone.velocity(x, torch.full((3,), 0.5), cond))
+    # v = eps - x0: on x_t = (1 - t) x0 + t eps the Euler step to 0 lands on x0 - (t)(v - (eps - x0)).
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_cfg_equals_the_pipeline_combination(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    captions, negatives = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=True)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        pos = _direct(pipe.transformer, x, t, captions)
+        neg = _direct(pipe.transformer, x, t, negatives)
+        v = backbone.velocity(x, t, cond, guidance_scale=4.0)  # the pipeline's guidance_scale 3
+    assert not torch.allclose(pos, neg)
+    torch.testing.assert_close(v, pos + 3.0 * (pos - neg), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("turbo", [True, False], ids=["turbo_no_cfg", "base_cfg"])
+def test_euler_rollout_equals_the_diffusers_pipeline(shared, turbo):
+    pipe, _ = shared
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES, turbo=turbo)
+    prompts = PROMPTS[:2]
+    steps = 3
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    pipe_scale = 0.0 if turbo else 3.0
+    with torch.no_grad():
+        reference = pipe(
+            list(prompts), height=RES, width=RES, num_inference_steps=steps, guidance_scale=pipe_scale,
+            latents=x.clone(), output_type="latent",
+        ).images
+        sigmas = flow_sigmas(steps, shift=backbone.shift)
+        torch.testing.assert_close(sigmas, pipe.scheduler.sigmas.float())  # the same schedule, 3 passes
+        cond = backbone.encode_prompts(prompts)
+        scale = backbone.default_guidance_scale if turbo else pipe_scale + 1.0
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=scale), x, sigmas).sample
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, x)
+
+
+def test_cfg_normalization_and_truncation_match_the_pipeline(shared):
+    pipe, _ = shared
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES, cfg_normalization=1.0, cfg_truncation=0.5)
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = pipe(
+            list(PROMPTS[:2]), height=RES, width=RES, num_inference_steps=4, guidance_scale=3.0, cfg_normalization=1.0,
+            cfg_truncation=0.5, latents=x.clone(), output_type="latent",
+        ).images
+        plain = pipe(PROMPTS[:2], height=RES, width=RES, num_inference_steps=4, guidance_scale=3.0,
+                     latents=x.clone(), output_type="latent").images
+        cond = backbone.encode_prompts(PROMPTS[:2])
+        sigmas = flow_sigmas(4, shift=backbone.shift)
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.0), x, sigmas).sample
+    assert not torch.allclose(reference, plain, atol=1e-4)  # the options matter here
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_shift_is_exp_mu_at_the_backbone_resolution():
+    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+    config = {"use_dynamic_shifting": True, "base_image_seq_len": 16, "max_image_seq_len": 256,
+              "base_shift": 0.5, "max_shift": 1.15}
+    pipe = build_tiny_z_image(seed=0, scheduler_config=config)
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES, turbo=True)
+    assert backbone.shift == pytest.approx(math.exp(calculate_shift(64, 16, 256, 0.5, 1.15)))
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = pipe(PROMPTS[:2], height=RES, width=RES, num_inference_steps=3, guidance_scale=0.0,
+                         latents=x.clone(), output_type="latent").images
+        torch.testing.assert_close(flow_sigmas(3, shift=backbone.shift), pipe.scheduler.sigmas.float())
+        cond = backbone.encode_prompts(PROMPTS[:2])
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond), x, flow_sigmas(3, shift=backbone.shift)).sample
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shift_terminal"):
+        ZImageBackbone.from_pipeline(build_tiny_z_image(scheduler_config={"shift_terminal": 0.1}), resolution=RES)
+
+
+def test_decode_encode_use_flux_vae_scaling_and_shift(shared):
+    pipe, backbone = shared
+    vae = pipe.vae
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = backbone.decode(z)
+        # The pipeline's own decode path (output_type="pt" postprocessing: x / 2 + 0.5, clamped).
+        manual = pipe.image_processor.postprocess(
+            vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample, output_type="pt"
+        )
+        torch.testing.assert_close(images, manual)
+        latents = backbone.encode(images)
+        mean = vae.encode(2 * images - 1).latent_dist.mean
+    assert images.shape == (2, 3, RES, RES)
+    torch.testing.assert_close(latents, (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
+def test_from_pretrained_round_trip_factory_and_missing_path(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "z_image")
+    from dgpo_lightning.models.factory import load_backbone
+
+    loaded = load_backbone("z_image", str(tmp_path / "z_image"), resolution=RES, torch_dtype="float32",
+                           offload_text_encoders=True, turbo=True)
+    assert isinstance(loaded, ZImageBackbone) and loaded.turbo and loaded.offload_text_encoders
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        cond = backbone.encode_prompts(PROMPTS)
+        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
+        torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
+    with pytest.raises(ValueError, match="model.backbone=z_image needs model.model_path"):
+        load_backbone("z_image", None)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ZImageBackbone.from_pretrained(tmp_path / "nowhere" / "Z-Image-Turbo")
+
+
+def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
+    pipe, plain = shared
+    expected = plain.encode_prompts(PROMPTS)
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
+    moves, real_to = [], backbone.text_encoders.to
+    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert moves == [str(backbone.device), "cpu"]
+    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
+    backbone.encode_prompts(PROMPTS[:2])
+    assert len(moves) == 2
+
+
+def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "z")
+    half = ZImageBackbone.from_pretrained(tmp_path / "z", torch_dtype="bfloat16", resolution=RES)
+    assert half.denoiser.dtype == torch.bfloat16
+    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
+    x, t = _inputs(backbone)
+    v = half.velocity(x, t, half.encode_prompts(PROMPTS), guidance_scale=2.0)
+    with torch.no_grad():
+        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=2.0)
+    assert v.dtype == torch.float32 and (v - v32).abs().max() < 0.1 * v32.abs().max()
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
+
+
+def test_lora_targets_cover_every_attention_and_shard_units_every_block():
+    backbone = _fresh()
+    denoiser = backbone.denoiser
+    config = add_lora(denoiser, rank=32, alpha=64, target_modules=backbone.lora_targets)
+    assert set(config.target_modules) == set(Z_IMAGE_TARGET_MODULES) == {"to_q", "to_k", "to_v", "to_out.0"}
+    blocks = [*denoiser.noise_refiner, *denoiser.context_refiner, *denoiser.layers]
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in denoiser.named_parameters() if "lora_A" in n}
+    expected = {
+        f"{group}.{i}.attention.{proj}"
+        for group, n in (("noise_refiner", 1), ("context_refiner", 1), ("layers", 2))
+        for i in range(n)
+        for proj in ("to_q", "to_k", "to_v", "to_out.0")
+    }
+    assert adapted == expected
+    units = shard_units(denoiser)
+    assert len(units) == len(blocks) and all(a is b for a, b in zip(units, blocks))
+
+
+def test_lora_save_load_into_fresh_pipeline_and_load_adapter(tmp_path):
+    backbone = _fresh(seed=0)
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        expected = backbone.velocity(x, t, cond)
+        with reference_mode(backbone.denoiser):
+            base = backbone.velocity(x, t, cond)
+    assert not torch.allclose(base, expected, atol=1e-3)
+    save_lora(backbone, tmp_path / "adapter")
+
+    pipe = build_tiny_z_image(seed=0)
+    captions, _ = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=False)
+    with torch.no_grad():
+        torch.testing.assert_close(_direct(pipe.transformer, x, t, captions), base)
+        pipe.load_lora_weights(tmp_path / "adapter")
+        torch.testing.assert_close(_direct(pipe.transformer, x, t, captions), expected)
+        images = pipe(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0, output_type="pt").images
+    assert images.shape == (1, 3, RES, RES)
+
+    applied = _fresh(seed=0)
+    load_adapter(applied, tmp_path / "adapter")
+    resumed = _fresh(seed=0)
+    load_lora(resumed, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(applied.velocity(x, t, cond), expected)
+        torch.testing.assert_close(resumed.velocity(x, t, cond), expected)
+    assert trainable_parameters(resumed)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
+    results = []
+    for checkpointing in (False, True):
+        backbone = _fresh(seed=0)
+        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+        _randomise_lora_b(backbone.denoiser)
+        if checkpointing:
+            backbone.denoiser.enable_gradient_checkpointing()
+        backbone.train()
+        x, t = _inputs(backbone)
+        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS)).square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
