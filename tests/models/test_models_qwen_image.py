@@ -1,0 +1,409 @@
+"""Qwen-Image backbone on a tiny random QwenImagePipeline built offline (no hub, CPU, seconds).
+
+Numbers are compared against the diffusers pipeline and transformer themselves: the pipeline's
+``encode_prompt``, its ``_pack_latents`` / ``_unpack_latents``, its ``__call__`` (true CFG with the
+norm rescale, its scheduler's sigmas) and its VAE decode.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dgpo_lightning.models.backbone import Backbone
+from dgpo_lightning.models.lora import add_lora, load_adapter, reference_mode, save_lora, trainable_parameters
+from dgpo_lightning.models.qwen_image import QWEN_IMAGE_TARGET_MODULES, LAST_BLOCK_UNUSED_MODULES, QwenImageBackbone
+from dgpo_lightning.models.sharding import shard_units
+from dgpo_lightning.models.testing.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, build_tiny_qwen_image
+from dgpo_lightning.sampling import flow_sigmas, ode_euler
+
+RES = 32
+# Different token counts (so batches pad), one repeated.
+PROMPTS = ["a photo of a cat", 'a sign that says "hello world" in bold letters', "a photo of a cat"]
+
+
+def _backbone(pipe, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # shift_terminal: tested on its own below
+        return QwenImageBackbone.from_pipeline(pipe, resolution=RES, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def shared():
+    pipe = build_tiny_qwen_image(seed=0)
+    return pipe, _backbone(pipe)
+
+
+def _fresh(seed=0):
+    return _backbone(build_tiny_qwen_image(seed=seed))
+
+
+def _inputs(backbone, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
+
+
+def _randomise_lora_b(denoiser, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+
+
+def _transformer(pipe, x, t, embeds, mask):
+    """The pipeline's own denoiser call on unpacked latents ``x`` (packed and unpacked by the pipeline's helpers)."""
+    b, c, h, w = x.shape
+    out = pipe.transformer(
+        hidden_states=pipe._pack_latents(x, b, c, h, w),
+        timestep=t,
+        encoder_hidden_states=embeds,
+        encoder_hidden_states_mask=mask,
+        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        return_dict=False,
+    )[0]
+    return pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)[:, :, 0]
+
+
+def test_protocol_latent_shape_and_tokenizer_template(shared):
+    pipe, backbone = shared
+    assert isinstance(backbone, Backbone)
+    assert backbone.latent_shape() == (pipe.vae.config.z_dim, RES // pipe.vae_scale_factor, RES // pipe.vae_scale_factor)
+    assert pipe.transformer.config.in_channels == 4 * backbone.latent_shape()[0]  # 2x2 packed tokens
+    with pytest.raises(ValueError, match="multiple of 4"):
+        QwenImageBackbone.from_pipeline(pipe, resolution=30)
+    # The tiny byte-level BPE vocabulary tokenizes the template's system prefix into the 34 tokens
+    # Qwen2's vocabulary gives, so the pipeline's drop index lands where it does for the real model.
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    ids = pipe.tokenizer(prefix).input_ids
+    assert len(ids) == pipe.prompt_template_encode_start_idx == 34
+    assert pipe.tokenizer.convert_ids_to_tokens(ids[-3:]) == ["<|im_start|>", "user", "Ċ"]
+    assert pipe.tokenizer.decode(pipe.tokenizer("a ünïcode prompt 42").input_ids) == "a ünïcode prompt 42"
+
+
+def test_encode_prompts_matches_pipeline_cache_and_padding(shared, monkeypatch):
+    pipe, _ = shared
+    backbone = _backbone(pipe)
+    cond = backbone.encode_prompts(PROMPTS)
+    ref_embeds, ref_mask = pipe.encode_prompt(prompt=PROMPTS, max_sequence_length=512)
+    assert ref_mask is not None and not ref_mask.all()  # the batch is padded
+    torch.testing.assert_close(cond["prompt_embeds"], ref_embeds)
+    torch.testing.assert_close(cond["prompt_embeds_mask"], ref_mask.long())
+    assert backbone.cache_misses == 2
+    # The cache keeps each prompt without padding.
+    assert backbone._cache[PROMPTS[0]]["prompt_embeds"].shape[0] == int(ref_mask[0].sum())
+
+    calls = []
+    original = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda **kw: calls.append(kw["prompt"]) or original(**kw))
+    mixed = ["a red apple", PROMPTS[1], PROMPTS[0]]
+    again = backbone.encode_prompts(mixed)
+    assert calls == [["a red apple"]]  # only the new prompt reaches the text encoder
+    monkeypatch.setattr(pipe, "encode_prompt", original)
+    expected_embeds, expected_mask = pipe.encode_prompt(prompt=mixed, max_sequence_length=512)
+    torch.testing.assert_close(again["prompt_embeds"], expected_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again["prompt_embeds_mask"], expected_mask.long())
+
+    short = _backbone(pipe, max_sequence_length=4)
+    short_embeds, _ = pipe.encode_prompt(prompt=PROMPTS[:2], max_sequence_length=4)
+    torch.testing.assert_close(short.encode_prompts(PROMPTS[:2])["prompt_embeds"], short_embeds)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        _backbone(pipe, max_sequence_length=2048)
+
+    with torch.inference_mode():
+        backbone.encode_prompts(["three purple birds"])
+    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+
+
+def test_velocity_is_the_transformer_on_packed_tokens_at_sigma(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        expected = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
+        v = backbone.velocity(x, t, cond)
+        # The package's convention: x_t = (1 - t) x0 + t eps, v = eps - x0; one Euler step of the
+        # pipeline's scheduler from sigma to 0 is x_t - sigma v (= x0 for an exact v).
+        pipe.scheduler.set_timesteps(sigmas=[float(t[0])], mu=backbone.mu)
+    assert v.shape == x.shape
+    torch.testing.assert_close(v, expected)
+    packed = backbone.pack(x)
+    assert packed.shape == (3, (RES // 4) ** 2, 16)
+    torch.testing.assert_close(backbone.unpack(packed, *x.shape[-2:]), x)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(x, 0.5, cond), backbone.velocity(x, torch.full((3,), 0.5), cond))
+
+
+def test_mixed_batch_velocity_equals_each_prompt_alone(shared):
+    pipe, backbone = shared
+    prompts = ["a photo of a cat", 'a poster with the text "open" written on it', "a dog"]
+    backbone.encode_prompts(prompts[:1])  # one cached, two new
+    cond = backbone.encode_prompts(prompts)
+    assert not cond["prompt_embeds_mask"].all()
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        batched = backbone.velocity(x, t, cond)
+        for i, prompt in enumerate(prompts):
+            embeds, mask = pipe.encode_prompt(prompt=[prompt], max_sequence_length=512)
+            assert mask is None  # alone: no padding
+            alone = _transformer(pipe, x[i : i + 1], t[i : i + 1], embeds, None)
+            torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_qwen_cfg_rescales_to_the_conditional_norm_per_packed_token(shared):
+    pipe, backbone = shared
+    cond = backbone.encode_prompts(PROMPTS)
+    neg_embeds, neg_mask = pipe.encode_prompt(prompt=[" "] * 3, max_sequence_length=512)
+    x, t = _inputs(backbone)
+    scale = 4.0
+    with torch.no_grad():
+        b, c, h, w = x.shape
+        kwargs = dict(hidden_states=pipe._pack_latents(x, b, c, h, w), timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)
+        noise_pred = pipe.transformer(encoder_hidden_states=cond["prompt_embeds"], encoder_hidden_states_mask=cond["prompt_embeds_mask"], **kwargs)[0]
+        neg = pipe.transformer(encoder_hidden_states=neg_embeds, encoder_hidden_states_mask=neg_mask, **kwargs)[0]
+        comb = neg + scale * (noise_pred - neg)
+        expected = comb * (torch.norm(noise_pred, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        expected = pipe._unpack_latents(expected, RES, RES, pipe.vae_scale_factor)[:, :, 0]
+        v = backbone.velocity(x, t, cond, guidance_scale=scale)
+        v_c = backbone.velocity(x, t, cond)
+    assert backbone.negative_prompt == " " and backbone.default_guidance_scale == 4.0
+    torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-5)
+    plain = backbone._guide(backbone.velocity(x, t, backbone.encode_prompts([" "] * 3)), v_c, 1.0)
+    torch.testing.assert_close(plain, v_c)  # s = 1: the conditional prediction
+    # The rescale is per 2x2 token over 4C features, not per pixel or per sample.
+    norms = torch.norm(backbone.pack(v), dim=-1)
+    torch.testing.assert_close(norms, torch.norm(backbone.pack(v_c), dim=-1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(v, v_c, atol=1e-3)
+
+
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 4.0])
+def test_euler_rollout_matches_the_diffusers_pipeline(shared, true_cfg_scale):
+    pipe, backbone = shared
+    prompts = PROMPTS[:2]
+    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    b, c, h, w = x.shape
+    with torch.no_grad():
+        reference = pipe(
+            prompts,
+            negative_prompt=" " if true_cfg_scale > 1 else None,
+            true_cfg_scale=true_cfg_scale,
+            height=RES,
+            width=RES,
+            num_inference_steps=3,
+            latents=pipe._pack_latents(x.clone(), b, c, h, w),
+            output_type="latent",
+        ).images
+        sigmas = pipe.scheduler.sigmas.float()  # the schedule the pipeline integrated
+        cond = backbone.encode_prompts(prompts)
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=true_cfg_scale), x, sigmas).sample
+    reference = pipe._unpack_latents(reference, RES, RES, pipe.vae_scale_factor)[:, :, 0]
+    torch.testing.assert_close(sigmas, backbone.pipeline_sigmas(3))
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    if true_cfg_scale > 1:  # and the pipeline's decoded images are our decode of those latents
+        with torch.no_grad():
+            images = pipe(prompts, negative_prompt=" ", true_cfg_scale=true_cfg_scale, height=RES, width=RES,
+                          num_inference_steps=3, latents=pipe._pack_latents(x.clone(), b, c, h, w), output_type="pt").images
+            torch.testing.assert_close(backbone.decode(ours), images, rtol=1e-4, atol=1e-4)
+
+
+def test_shift_is_exp_mu_and_shift_terminal_is_reported(shared):
+    pipe, _ = shared
+    with pytest.warns(UserWarning, match="shift_terminal=0.02"):
+        backbone = QwenImageBackbone.from_pipeline(pipe, resolution=RES)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    config = QWEN_IMAGE_SCHEDULER_CONFIG
+    mu = calculate_shift((RES // 4) ** 2, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"], config["max_shift"])
+    assert backbone.shift == pytest.approx(math.exp(mu))
+    # Without the terminal stretch, flow_sigmas(N, e^mu) is the scheduler's dynamic schedule exactly.
+    plain = FlowMatchEulerDiscreteScheduler(**{**config, "shift_terminal": None})
+    plain.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
+    torch.testing.assert_close(flow_sigmas(10, shift=backbone.shift), plain.sigmas.float())
+    # With it (the published config) the pipeline's last non-zero sigma is 0.02; pipeline_sigmas has it.
+    exact = backbone.pipeline_sigmas(10)
+    assert exact[-2].item() == pytest.approx(0.02) and exact[0].item() == pytest.approx(1.0) and exact[-1] == 0
+    # 512 px (1024 tokens): the value the YAML's rollouts use.
+    big = backbone.__class__.__new__(backbone.__class__)
+    big._pipe, big.resolution, big.vae_scale_factor = pipe, 512, 8
+    assert math.exp(big._mu()) == pytest.approx(math.exp(0.5 + (1024 - 256) * 0.4 / (8192 - 256)))
+
+    other = build_tiny_qwen_image(seed=0)
+    other.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # static, nothing unsupported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert QwenImageBackbone.from_pipeline(other, resolution=RES).shift == 3.0
+
+
+def test_decode_encode_use_latents_mean_and_std(shared):
+    pipe, backbone = shared
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    assert not torch.allclose(std, torch.ones_like(std))
+    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = backbone.decode(z)
+        manual = vae.decode(z[:, :, None] * std + mean).sample[:, :, 0]
+        torch.testing.assert_close(images, (manual / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+        latents = backbone.encode(images)
+        posterior = vae.encode((2 * images - 1)[:, :, None]).latent_dist.mode()
+        sampled = backbone.encode(images, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, RES, RES) and latents.shape == z.shape
+    torch.testing.assert_close(latents, ((posterior - mean) / std)[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert sampled.shape == z.shape and not torch.allclose(sampled, latents)
+
+
+def test_from_pretrained_round_trip_loader_and_missing_path(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "qwen")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = QwenImageBackbone.from_pretrained(tmp_path / "qwen", torch_dtype="float32", resolution=RES, device="cpu")
+        from dgpo_lightning.models.factory import load_backbone
+
+        via_config = load_backbone("qwen_image", str(tmp_path / "qwen"), resolution=RES, max_sequence_length=64, offload_text_encoders=True)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        cond = backbone.encode_prompts(PROMPTS)
+        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
+        torch.testing.assert_close(loaded.velocity(x, t, cond, guidance_scale=4.0), backbone.velocity(x, t, cond, guidance_scale=4.0))
+    assert isinstance(via_config, QwenImageBackbone) and via_config.max_sequence_length == 64 and via_config.offload_text_encoders
+    with pytest.raises(ValueError, match="qwen_image needs model.model_path"):
+        load_backbone("qwen_image", None)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        QwenImageBackbone.from_pretrained(tmp_path / "nowhere" / "Qwen-Image")
+
+
+def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
+    pipe, plain = shared
+    expected = plain.encode_prompts(PROMPTS)
+    backbone = _backbone(pipe, offload_text_encoders=True)
+    moves, real_to = [], backbone.text_encoders.to
+    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert moves == [str(backbone.device), "cpu"]
+    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
+    backbone.encode_prompts(PROMPTS[:2])  # cached: no move
+    assert len(moves) == 2
+
+
+def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
+    pipe, backbone = shared
+    pipe.save_pretrained(tmp_path / "qwen")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = QwenImageBackbone.from_pretrained(tmp_path / "qwen", torch_dtype="bfloat16", resolution=RES)
+    assert half.denoiser.dtype == torch.bfloat16
+    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
+    x, t = _inputs(backbone)
+    v = half.velocity(x, t, half.encode_prompts(PROMPTS), guidance_scale=4.0)
+    with torch.no_grad():
+        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.0)
+    assert v.dtype == torch.float32 and (v - v32).abs().max() < 0.1 * v32.abs().max()
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
+    assert half.decode(x[:1]).dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
+    results = []
+    for checkpointing in (False, True):
+        backbone = _fresh()
+        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+        _randomise_lora_b(backbone.denoiser)
+        if checkpointing:
+            backbone.denoiser.enable_gradient_checkpointing()
+        backbone.train()
+        x, t = _inputs(backbone)
+        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.0).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
+def test_fsdp_shard_units_are_all_dual_stream_blocks(shared):
+    pipe, backbone = shared
+    units = shard_units(backbone.denoiser)
+    blocks = list(pipe.transformer.transformer_blocks)
+    assert len(units) == len(blocks) == 2 and all(a is b for a, b in zip(units, blocks))
+
+
+def test_train_mode_keeps_frozen_parts_in_eval(shared):
+    _, backbone = shared
+    backbone.train()
+    try:
+        assert backbone.denoiser.training
+        assert not any(m.training for m in backbone.text_encoders.modules()) and not backbone.vae.training
+    finally:
+        backbone.eval()
+
+
+def test_lora_targets_are_flow_grpo_modules_that_get_gradients():
+    backbone = _fresh()
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in backbone.denoiser.named_parameters() if ".lora_A" in n}
+    # Flow-GRPO's 12 layers in every block, except the last block's 4 unused text-stream layers.
+    last = len(backbone.denoiser.transformer_blocks) - 1
+    expected = {
+        f"transformer_blocks.{i}.{name}"
+        for i in range(last + 1)
+        for name in QWEN_IMAGE_TARGET_MODULES
+        if not (i == last and name in LAST_BLOCK_UNUSED_MODULES)
+    }
+    assert adapted == expected
+    _randomise_lora_b(backbone.denoiser)
+    x, t = _inputs(backbone)
+    backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.0).square().mean().backward()
+    params = trainable_parameters(backbone)
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # DDP-safe: none unused
+
+
+def test_lora_reference_mode_is_the_base_model():
+    backbone = _fresh()
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        base = backbone.velocity(x, t, cond)
+    _randomise_lora_b(backbone.denoiser)
+    with torch.no_grad():
+        online = backbone.velocity(x, t, cond)
+        with reference_mode(backbone.denoiser):
+            reference = backbone.velocity(x, t, cond)
+    assert not torch.allclose(online, base, atol=1e-3)
+    torch.testing.assert_close(reference, base)
+
+
+def test_lora_save_into_fresh_pipeline_and_load_adapter_round_trip(tmp_path):
+    backbone = _fresh(seed=0)
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    x, t = _inputs(backbone)
+    with torch.no_grad():
+        expected = backbone.velocity(x, t, cond)
+    save_lora(backbone, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+    pipe = build_tiny_qwen_image(seed=0)
+    with torch.no_grad():
+        untouched = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
+        pipe.load_lora_weights(tmp_path / "adapter")
+        loaded = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
+    assert not torch.allclose(untouched, expected, atol=1e-3)
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
+
+    fresh = _fresh(seed=0)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, t, cond), expected, rtol=1e-4, atol=1e-5)
+    assert not trainable_parameters(fresh)  # inference: the adapter is frozen
