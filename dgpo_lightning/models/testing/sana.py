@@ -3,6 +3,7 @@ DiT, DC-AE, flow DPM-Solver scheduler, all with tiny widths and random weights (
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import torch
@@ -25,14 +26,16 @@ TINY_SANA = {
 GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 
 
-def build_gemma_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, vocab_size: int = 400):
+def build_gemma_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int = 600):
     """A ``GemmaTokenizerFast`` whose BPE model is trained offline on ``corpus`` by the tokenizers library.
 
     The layout is Gemma's: the five special tokens first (``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2,
     ``<unk>`` = 3, ``<mask>`` = 4), then the 256 byte-fallback pieces ``<0x00>``..``<0xFF>`` (so any
     text, e.g. SANA's upper-case complex human instruction, tokenizes without ``<unk>``), then the
     learnt pieces, with spaces as ``▁`` and no pre-tokenization (Gemma's normalizer and splitter).
-    ``<bos>`` is prepended, as Gemma does.
+    ``<bos>`` is prepended, as Gemma does. The default corpus is the package's test prompts plus
+    ``SanaPipeline``'s complex human instruction, so that the instruction (prepended to every prompt)
+    takes a few hundred tokens rather than one per character, as with Gemma's real vocabulary.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizerFast
@@ -41,20 +44,20 @@ def build_gemma_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, vocab_size: in
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()▁")
+    if corpus is None:
+        from dgpo_lightning.models.sana import pipeline_complex_human_instruction
+
+        corpus = [*DEFAULT_CORPUS, *pipeline_complex_human_instruction()]
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()▁")
     trainer = trainers.BpeTrainer(
         vocab_size=len(GEMMA_SPECIAL_TOKENS) + len(byte_pieces) + vocab_size,
         special_tokens=[*GEMMA_SPECIAL_TOKENS, *byte_pieces],
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator([line.lower() for line in corpus], trainer=trainer)
-    state = backend.model
+    backend.train_from_iterator(list(corpus), trainer=trainer)
     vocab = backend.get_vocab()
-    import json
-
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
-    del state
     tokenizer = GemmaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
     return tokenizer
 
