@@ -99,3 +99,18 @@ def test_evaluate_cli_on_tiny_sana_with_and_without_the_trained_adapter(sana_run
     torch.testing.assert_close(
         torch.tensor(scores["tuned"]), _recompute(sana_run, clip, sana_run["adapter"]), rtol=1e-5, atol=1e-5
     )
+
+
+def test_sana_pickscore_config_parses_with_the_sana_backbone(tmp_path):
+    from pathlib import Path
+
+    from dgpo_lightning.cli import DGPOCLI
+
+    config = Path(__file__).resolve().parents[2] / "experiments" / "base" / "sana_pickscore.yaml"
+    cli = DGPOCLI(args=["--config", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                        "--trainer.accelerator=cpu", "--trainer.precision=32-true"], run=False)
+    hp, data = cli.model.hparams, cli.datamodule.hparams
+    assert hp.backbone == "sana" and hp.finetune == "lora" and (hp.lora_rank, hp.lora_alpha) == (64, 128)
+    assert hp.backbone_options["resolution"] == 1024 and hp.backbone_options["max_sequence_length"] == 300
+    assert (hp.beta, hp.kl_beta, hp.clip_range, hp.t_min) == (10.0, 0.001, 0.05, 0.666)
+    assert data.shift is None and data.guidance_scale == 4.5 and (data.num_steps, data.group_size) == (10, 24)
