@@ -116,7 +116,6 @@ def test_velocity_is_negated_transformer_at_one_minus_t_and_batch_independent(sh
             alone = backbone.velocity(x[i : i + 1], t[i : i + 1], backbone.encode_prompts([prompt]))
             torch.testing.assert_close(v[i : i + 1], alone, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(backbone.velocity(x, 0.5, cond), backbone.velocity(x, torch.full((3,), 0.5), cond))
-    # v = eps - x0: on x_t = (1 - t) x0 + t eps the Euler step to 0 lands on x0 - (t)(v - (eps - x0)).
     assert v.shape == x.shape and torch.isfinite(v).all()
 
 
@@ -328,3 +327,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
     assert g0.keys() == g1.keys() and g0
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_backbone_on_cuda_matches_the_pipeline():
+    pipe = build_tiny_z_image(seed=0).to("cuda", torch.bfloat16)
+    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES)
+    x = torch.randn(2, *backbone.latent_shape(), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    with torch.no_grad():
+        reference = pipe(list(PROMPTS[:2]), height=RES, width=RES, num_inference_steps=2, guidance_scale=3.0,
+                         latents=x.clone(), output_type="latent").images
+        cond = backbone.encode_prompts(PROMPTS[:2])
+        assert cond["prompt_embeds"].device.type == "cuda"
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.0), x,
+                         flow_sigmas(2, shift=backbone.shift, device="cuda")).sample
+    torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+    _randomise_lora_b(backbone.denoiser)
+    t = torch.rand(2, device="cuda")
+    v = backbone.velocity(x, t, cond)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert all(p.grad is not None for p in trainable_parameters(backbone))
+    images = backbone.decode(x)
+    assert images.device.type == "cuda" and images.shape == (2, 3, RES, RES)
