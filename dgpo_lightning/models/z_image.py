@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any, Sequence
 
 import torch
