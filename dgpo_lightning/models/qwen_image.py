@@ -141,6 +141,11 @@ class QwenImageBackbone(DiffusersBackbone):
             negative_prompt=negative_prompt,
             offload_text_encoders=offload_text_encoders,
         )
+        if getattr(self.denoiser.config, "guidance_embeds", False):
+            raise ValueError(
+                "this Qwen-Image transformer has guidance_embeds=True (a guidance-distilled variant), which the "
+                "qwen_image backbone does not feed; use a true-CFG checkpoint such as Qwen/Qwen-Image"
+            )
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.latent_channels = int(pipe.vae.config.z_dim)
         #: LoRA targets (an instance attribute: it names blocks): see :func:`lora_targets_for`.
@@ -233,6 +238,8 @@ class QwenImageBackbone(DiffusersBackbone):
         """Prompt ``index`` without its padding: ``{"prompt_embeds": [L_i, D]}`` (the pipeline's mask
         is a prefix of ones, so its valid tokens are the first ``L_i``)."""
         length = int(batch["prompt_embeds_mask"][index].sum())
+        # A view, as the base class keeps (a copy here would be an inference tensor when the prompt
+        # is first seen inside torch.inference_mode: the base class un-infers the batch, not the rows).
         return {"prompt_embeds": batch["prompt_embeds"][index, :length]}
 
     def _collate(self, rows: list[dict[str, Tensor]]) -> Conditioning:

@@ -124,9 +124,6 @@ def test_velocity_is_the_transformer_on_packed_tokens_at_sigma(shared):
     with torch.no_grad():
         expected = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
         v = backbone.velocity(x, t, cond)
-        # The package's convention: x_t = (1 - t) x0 + t eps, v = eps - x0; one Euler step of the
-        # pipeline's scheduler from sigma to 0 is x_t - sigma v (= x0 for an exact v).
-        pipe.scheduler.set_timesteps(sigmas=[float(t[0])], mu=backbone.mu)
     assert v.shape == x.shape
     torch.testing.assert_close(v, expected)
     packed = backbone.pack(x)
@@ -407,3 +404,30 @@ def test_lora_save_into_fresh_pipeline_and_load_adapter_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh.velocity(x, t, cond), expected, rtol=1e-4, atol=1e-5)
     assert not trainable_parameters(fresh)  # inference: the adapter is frozen
+
+
+def test_guidance_distilled_checkpoints_are_refused():
+    pipe = build_tiny_qwen_image(seed=0)
+    pipe.transformer.register_to_config(guidance_embeds=True)
+    with pytest.raises(ValueError, match="guidance_embeds"):
+        _backbone(pipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_backbone_on_cuda():
+    backbone = _fresh().to("cuda", torch.bfloat16)
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert cond["prompt_embeds"].device.type == "cuda" and not cond["prompt_embeds_mask"].all()
+    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
+    t = torch.rand(3, device="cuda")
+    v = backbone.velocity(x, t, cond, guidance_scale=4.0)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    backbone.velocity(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None for p in trainable_parameters(backbone))
+    with torch.no_grad(), reference_mode(backbone.denoiser):
+        assert torch.isfinite(backbone.velocity(x, t, cond)).all()
+    images = backbone.decode(x)
+    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)
