@@ -15,8 +15,10 @@ and predicts the flow velocity ``eps - x0``, which is the package's target (the 
 
 Sampling schedule. SANA's published scheduler is ``DPMSolverMultistepScheduler(use_flow_sigmas=True,
 prediction_type="flow_prediction", flow_shift=3.0)`` (DPM-Solver++ 2M on shifted flow sigmas, the same
-solver as the package's ``ode_dpm``): :attr:`SanaBackbone.shift` is read from its ``flow_shift``
-(``shift`` of a ``FlowMatchEulerDiscreteScheduler`` swapped in). Two details of diffusers' DPM path
+solver as the package's ``ode_dpm``; NVlabs/Sana ``configs/sana_config/1024ms/Sana_1600M_img1024.yaml``:
+``flow_shift: 3.0``, ``vis_sampler: flow_dpm-solver``, DC-AE ``scale_factor: 0.41407``,
+``model_max_length: 300`` and the same ``chi_prompt``): :attr:`SanaBackbone.shift` is read from the
+scheduler's ``flow_shift`` (``shift`` of a ``FlowMatchEulerDiscreteScheduler`` swapped in). Two details of diffusers' DPM path
 that the package's samplers do not copy: its grid spaces ``linspace(1 - 1/1000, 0, N + 1)`` before
 shifting (first sigma ≈ 0.9997, not 1), and it casts its timesteps to ``int64``, so the transformer sees
 ``floor(1000 σ)`` where this backbone feeds ``1000 σ`` exactly (a time offset below 1/1000). With those
@@ -138,7 +140,9 @@ class SanaBackbone(DiffusersBackbone):
         self.complex_human_instruction = list(complex_human_instruction)
         config = pipe.transformer.config
         if getattr(config, "guidance_embeds", False):
-            raise ValueError("this SanaTransformer2DModel embeds guidance (SANA-Sprint); SanaBackbone covers SanaPipeline models")
+            raise ValueError(
+                "this SanaTransformer2DModel embeds guidance (SANA-Sprint); SanaBackbone covers SanaPipeline models"
+            )
         super().__init__(
             pipe,
             resolution=resolution,

@@ -75,7 +75,8 @@ def _recompute(run, clip, adapter=None):
     if adapter is not None:
         load_adapter(backbone, adapter)
     prompts = [p for p in run["prompts"].read_text().splitlines() for _ in range(2)]
-    images = backbone.decode(sample_latents(backbone, prompts, member_seeds(7, range(3), 2), SamplerSettings(num_steps=2)).sample)
+    latents = sample_latents(backbone, prompts, member_seeds(7, range(3), 2), SamplerSettings(num_steps=2)).sample
+    images = backbone.decode(latents)
     return build("pickscore", model_path=str(clip))(images, prompts)
 
 

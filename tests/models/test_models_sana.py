@@ -297,3 +297,21 @@ def test_unsupported_schedulers_are_refused():
     pipe.scheduler = DPMSolverMultistepScheduler()  # epsilon prediction: not a flow model
     with pytest.raises(ValueError, match="not a flow-matching schedule"):
         SanaBackbone.from_pipeline(pipe, resolution=RES)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_backbone_on_cuda():
+    backbone = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES).to("cuda", torch.bfloat16)
+    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
+    _randomise_lora_b(backbone.denoiser)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert cond["prompt_embeds"].device.type == "cuda"
+    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
+    t = torch.rand(3, device="cuda")
+    v = backbone.velocity(x, t, cond, guidance_scale=4.5)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    backbone.velocity(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None for p in trainable_parameters(backbone))
+    images = backbone.decode(x)
+    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)

@@ -57,7 +57,9 @@ def build_gemma_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int =
     )
     backend.train_from_iterator(list(corpus), trainer=trainer)
     vocab = backend.get_vocab()
-    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
+    # tokenizers serialises merges as pairs (or "a b" strings in older versions)
+    saved = json.loads(backend.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved]
     tokenizer = GemmaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
     return tokenizer
 
