@@ -22,12 +22,26 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_config_parses(config, tmp_path):
-    # Base configs stand alone; ablations compose on top of the DGPO base, left to right.
-    args = ["--config", str(config)] if config.parent.name == "base" else ["--config", str(BASE), "--config", str(config)]
+    # Base and paper task configs stand alone; ablations and overlays compose on top of the DGPO base,
+    # left to right.
+    standalone = config.parent.name == "base" or (config.parent.name == "paper" and config.name != "cfg_free.yaml")
+    under = EXPERIMENTS / "paper" / "sd35m_ocr.yaml" if config.name == "cfg_free.yaml" else BASE
+    args = ["--config", str(config)] if standalone else ["--config", str(under), "--config", str(config)]
     # GPU configs are parsed on the CPU here; the accelerator is the only thing overridden.
     cli = parse(*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true")
     assert cli.model.hparams.algorithm in ("dgpo", "flow_grpo", "diffusion_dpo")
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
+
+
+@pytest.mark.parametrize("task", ["geneval", "ocr", "pickscore"])
+def test_paper_cfg_free_overlay_composes_on_each_task(task, tmp_path):
+    paper = EXPERIMENTS / "paper"
+    cli = parse(
+        "--config", str(paper / f"sd35m_{task}.yaml"), "--config", str(paper / "cfg_free.yaml"),
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+    )
+    assert cli.datamodule.hparams.guidance_scale == 1.0  # rollouts without CFG
+    assert cli.model.hparams.reference_guidance_scale == 4.5 and cli.model.hparams.clip_range == 1e-3
 
 
 def test_later_configs_override_earlier_ones(tmp_path):
