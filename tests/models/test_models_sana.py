@@ -161,8 +161,10 @@ def test_ode_dpm_matches_sanas_dpm_solver_pipeline(shared):
         floored = lambda x_t, t: backbone.velocity(x_t, torch.floor(1000 * t) / 1000, cond, guidance_scale=4.5)  # noqa: E731
         ours = ode_dpm(floored, x, sigmas).sample
         exact = ode_dpm(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.5), x, sigmas).sample
-    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
-    assert (exact - reference).abs().max() < 0.05 * reference.abs().max()  # the sub-1/1000 time offset only
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    # without the floor: the sub-1/1000 time offset only (1% of the latents' scale on this tiny model)
+    offset = (exact - reference).abs().max()
+    assert 1e-4 < offset < 0.05 * reference.abs().max()
 
 
 def test_decode_encode_use_dc_ae_scaling(shared):
