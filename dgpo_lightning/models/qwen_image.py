@@ -102,6 +102,10 @@ class QwenImageBackbone(DiffusersBackbone):
     Conditioning: ``{"prompt_embeds": [B, L, D], "prompt_embeds_mask": [B, L]}`` (long, 1 = token),
     ``L`` the longest prompt of the batch after the template drop (at most ``max_sequence_length``).
 
+    LoRA: the class attribute :attr:`lora_targets` is Flow-GRPO's list; an instance's
+    ``lora_targets`` (what the Lightning module uses) is the same minus the last block's four unused
+    text-stream layers (:func:`lora_targets_for`).
+
     Args:
         pipe: a ``QwenImagePipeline``.
         resolution: image side in pixels (Flow-GRPO trains Qwen-Image at 512).

@@ -16,7 +16,11 @@ from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.models.lora import add_lora, load_adapter, reference_mode, save_lora, trainable_parameters
 from dgpo_lightning.models.qwen_image import QWEN_IMAGE_TARGET_MODULES, LAST_BLOCK_UNUSED_MODULES, QwenImageBackbone
 from dgpo_lightning.models.sharding import shard_units
-from dgpo_lightning.models.testing.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, build_tiny_qwen_image
+from dgpo_lightning.models.testing.qwen_image import (
+    QWEN_IMAGE_PROMPT_TEMPLATE,
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    build_tiny_qwen_image,
+)
 from dgpo_lightning.sampling import flow_sigmas, ode_euler
 
 RES = 32
@@ -76,6 +80,7 @@ def test_protocol_latent_shape_and_tokenizer_template(shared):
         QwenImageBackbone.from_pipeline(pipe, resolution=30)
     # The tiny byte-level BPE vocabulary tokenizes the template's system prefix into the 34 tokens
     # Qwen2's vocabulary gives, so the pipeline's drop index lands where it does for the real model.
+    assert pipe.prompt_template_encode == QWEN_IMAGE_PROMPT_TEMPLATE  # the text the vocabulary was learnt on
     prefix = pipe.prompt_template_encode.split("{}")[0]
     ids = pipe.tokenizer(prefix).input_ids
     assert len(ids) == pipe.prompt_template_encode_start_idx == 34

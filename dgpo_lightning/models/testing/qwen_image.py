@@ -49,19 +49,14 @@ TINY_QWEN_IMAGE = {
 QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
-def _template_text() -> str:
-    from diffusers import QwenImagePipeline
-
-    # The template is an attribute set in __init__; read it from the source of truth without
-    # building a pipeline (its __init__ needs every component).
-    import inspect
-    import re
-
-    source = inspect.getsource(QwenImagePipeline.__init__)
-    match = re.search(r'prompt_template_encode = "(.*?)"\n', source)
-    if match is None:  # pragma: no cover - a diffusers refactor; fall back to the 0.42 template
-        return "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the objects and background:"
-    return match.group(1).encode().decode("unicode_escape")
+#: ``QwenImagePipeline.prompt_template_encode`` (diffusers 0.42): the chat template the prompt is
+#: encoded in. The tokenizer learns its words, so its 34-token system prefix tokenizes as with Qwen2's
+#: vocabulary (tests check this against the pipeline's own attribute).
+QWEN_IMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 def _pretokenize(tokenizer, text: str) -> list[str]:
@@ -115,8 +110,7 @@ def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: in
     from transformers import Qwen2Tokenizer
 
     probe = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
-    template = _template_text()
-    words = _pretokenize(probe, template.format(""))
+    words = _pretokenize(probe, QWEN_IMAGE_PROMPT_TEMPLATE.format(""))
     for line in corpus:
         words += _pretokenize(probe, line)
     merges = learn_byte_level_merges(words, num_merges)
@@ -218,6 +212,7 @@ def build_tiny_qwen_image(seed: int = 0):
 
 
 __all__ = [
+    "QWEN_IMAGE_PROMPT_TEMPLATE",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
     "TINY_QWEN_IMAGE",
     "build_qwen2_tokenizer",
