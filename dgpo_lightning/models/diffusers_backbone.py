@@ -71,8 +71,10 @@ class DiffusersBackbone(nn.Module):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     #: LoRA targets used when the config names none (the peers' defaults for this model).
     lora_targets: ClassVar[tuple[str, ...]] = ()
-    #: ``"true"``, ``"distilled"`` or ``"none"`` (module docstring).
-    cfg_mode: ClassVar[str] = "true"
+    #: ``"true"``, ``"distilled"`` or ``"none"`` (module docstring); a backbone serving several
+    #: checkpoints sets it per instance (FLUX.1 dev/schnell, Z-Image/Turbo), as it may
+    #: ``default_guidance_scale``.
+    cfg_mode: str = "true"
     #: the model's own default of ``guidance_scale`` (true CFG) for sampling.
     default_guidance_scale: float = 1.0
     default_negative_prompt: ClassVar[str] = ""
