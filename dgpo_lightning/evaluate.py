@@ -2,6 +2,7 @@
 
 ``python -m dgpo_lightning.evaluate --prompts FILE [--backbone world|sd3] [--model PATH]
 [--adapter DIR] [--reward NAME ...] [--images-per-prompt N] [--seed S] --out RESULT.json``
+(``--protocol paper ...``: the paper's whole table for several models, :mod:`dgpo_lightning.benchmark`)
 
 Samples ``N`` images per prompt (10-step DPM-Solver++ ODE by default; per-image seeded noise, so
 the numbers depend on the seed only, not on batching), scores them with each reward and writes
@@ -177,9 +178,17 @@ def run(args: argparse.Namespace) -> tuple[EvalResult, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the command line; returns the written JSON as a dict (exits with status 2 on a user error)."""
+    """Run the command line; returns the written JSON as a dict (exits with status 2 on a user error).
+
+    With ``--protocol`` (``paper`` or a protocol YAML) the arguments go to
+    :func:`dgpo_lightning.benchmark.main`: a table of models x benchmark columns."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--protocol" or a.startswith("--protocol=") for a in arguments):
+        from dgpo_lightning.benchmark import main as benchmark_main
+
+        return benchmark_main(arguments)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         result, output = run(args)
     except UsageError as error:

@@ -29,6 +29,7 @@ LAYERS = {
     "data": 5,
     "evaluation": 6,
     "evaluate": 6,
+    "benchmark": 6,
     "module": 7,
     "callbacks": 7,
     "cli": 7,
