@@ -21,7 +21,6 @@ text, or whose metadata, equals one of an ``--exclude`` file is never written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path

@@ -270,6 +270,10 @@ class DiffusersBackbone(nn.Module):
         """One denoiser pass: ``v = eps - x0`` at ``x_t = (1 - t) x0 + t eps``, ``t`` ``[B]`` in ``[0, 1]``."""
         raise NotImplementedError
 
+    def _unconditional(self, batch: int) -> Conditioning:
+        """True CFG's unconditional conditioning for ``batch`` samples (the negative prompt)."""
+        return self.encode_prompts([self.negative_prompt] * batch)
+
     def _guide(self, v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
         """True CFG: ``v_u + s (v_c - v_u)``."""
         return v_uncond + scale * (v_cond - v_uncond)
@@ -287,7 +291,7 @@ class DiffusersBackbone(nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         if guidance_scale == 1.0:
             return self._forward(x_t, t, cond)
-        uncond = self.encode_prompts([self.negative_prompt] * batch)
+        uncond = self._unconditional(batch)
         v = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), self._concat_batches([uncond, cond]))
         v_uncond, v_cond = v.chunk(2)
         return self._guide(v_uncond, v_cond, guidance_scale)

@@ -28,10 +28,10 @@ the per-channel ``latents_mean`` / ``latents_std`` normalisation. Adapted here:
   the scheduler config, which is :func:`~dgpo_lightning.sampling.flow_sigmas`' ``time_shift`` with
   ``shift = e^mu``; :attr:`QwenImageBackbone.shift` is that value at the backbone's resolution
   (``~1.71`` at 512 px: 1024 tokens). The published config also has ``shift_terminal = 0.02``,
-  which stretches the shifted schedule so that its last non-zero sigma is ``0.02``: ``flow_sigmas``
-  cannot express that, so the package's samplers run the *un-stretched* dynamic schedule (a warning
-  says so once per backbone); :meth:`QwenImageBackbone.pipeline_sigmas` gives the pipeline's exact
-  schedule for anyone who drives a sampler with explicit sigmas.
+  which stretches the shifted schedule so that its last non-zero sigma is ``0.02``. No shift
+  expresses that, so the backbone hands the samplers the pipeline's exact schedule
+  (:meth:`QwenImageBackbone.sampling_sigmas`, taken by ``SamplerSettings.resolve`` when no
+  ``shift`` is configured); an explicit ``data.shift`` runs ``flow_sigmas`` instead.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -189,8 +188,8 @@ class QwenImageBackbone(DiffusersBackbone):
 
         Dynamic exponential shifting ``e^mu / (e^mu + 1/t - 1)`` is ``s = e^mu``; dynamic linear
         shifting ``mu / (mu + 1/t - 1)`` is ``s = mu``; a static scheduler uses ``config.shift``.
-        Parts of the config that ``flow_sigmas`` cannot express (``shift_terminal``, Karras /
-        exponential / beta sigmas) are not applied by the package's samplers: warned about here.
+        Parts of the config that no shift expresses (``shift_terminal``) are in
+        :meth:`sampling_sigmas`, the schedule the samplers use by default.
         """
         config = self._pipe.scheduler.config
         if config.get("use_dynamic_shifting", False):
@@ -203,19 +202,15 @@ class QwenImageBackbone(DiffusersBackbone):
                 raise ValueError(f"unknown scheduler time_shift_type {kind!r}")
         else:
             shift = float(config.get("shift", 1.0))
-        unsupported = [
-            f"{key}={config.get(key)!r}"
-            for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
-            if config.get(key)
-        ]
-        if unsupported:
-            warnings.warn(
-                f"Qwen-Image scheduler config has {', '.join(unsupported)}, which flow_sigmas cannot express: the "
-                f"package's samplers use the dynamic shift s = {shift:.4f} (exp(mu) at {self.resolution} px) without "
-                "it; QwenImageBackbone.pipeline_sigmas(num_steps) is the pipeline's exact schedule.",
-                stacklevel=3,
-            )
+        # shift_terminal (and Karras/exponential/beta sigmas): no shift expresses them, so the samplers
+        # take the pipeline's exact schedule from sampling_sigmas (SamplerSettings.resolve); an
+        # explicit data.shift replaces it with flow_sigmas.
         return float(shift)
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """The schedule the package's samplers use when no shift is configured: the pipeline's own
+        (:meth:`pipeline_sigmas`, which equals ``flow_sigmas(N, shift)`` without ``shift_terminal``)."""
+        return self.pipeline_sigmas(num_steps)
 
     def pipeline_sigmas(self, num_steps: int) -> Tensor:
         """``[num_steps + 1]`` sigmas (last ``0``) that ``QwenImagePipeline(num_inference_steps=N)``

@@ -229,24 +229,10 @@ class SanaBackbone(DiffusersBackbone):
             out = out.chunk(2, dim=1)[0]
         return out.to(x_t.dtype)
 
-    def velocity(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
-        """Predicted ``v = eps - x0`` at ``x_t = (1 - t) x0 + t eps``; ``t`` ``[B]`` or a scalar.
-
-        As :meth:`DiffusersBackbone.velocity`, except that the unconditional half of true CFG
-        (``guidance_scale != 1``: ``v_u + s (v_c - v_u)``) uses the negative prompt encoded the
-        pipeline's way (:meth:`encode_negative_prompts`).
-        """
-        if guidance_scale == 1.0:
-            return super().velocity(x_t, t, cond)
-        batch = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
-        t = t.expand(batch) if t.ndim == 0 else t.to(x_t.device)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        uncond = self.encode_negative_prompts(batch)
-        v = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), self._concat_batches([uncond, cond]))
-        v_uncond, v_cond = v.chunk(2)
-        return self._guide(v_uncond, v_cond, guidance_scale)
+    def _unconditional(self, batch: int) -> Conditioning:
+        # SANA's pipeline encodes the negative prompt its own way (no instruction prefix, no token
+        # selection): :meth:`encode_negative_prompts`.
+        return self.encode_negative_prompts(batch)
 
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.vae_scale_factor

@@ -26,6 +26,9 @@ class SamplerSettings:
         shift: schedule shift (``None``: the backbone's recommended one, see :meth:`resolve`).
         guidance_scale: CFG scale (``None``: the backbone's default).
         noise_level: the SDE's ``a`` (ignored by the ODE samplers).
+        schedule: explicit ``[S + 1]`` sigmas; :meth:`resolve` fills it from
+            ``backbone.sampling_sigmas(S)`` when the shift is the backbone's and its pipeline uses a
+            schedule no shift expresses (Qwen-Image's ``shift_terminal``), else ``None``.
     """
 
     sampler: SamplerName = "ode_dpm"
@@ -33,6 +36,7 @@ class SamplerSettings:
     shift: float | None = None
     guidance_scale: float | None = None
     noise_level: float = 0.7
+    schedule: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLER_NAMES:
@@ -52,13 +56,23 @@ class SamplerSettings:
 
     def resolve(self, backbone: Any) -> "SamplerSettings":
         """The same settings with ``shift`` / ``guidance_scale`` filled from the backbone's defaults
-        (``backbone.shift``, else SD3's 3.0; ``backbone.default_guidance_scale``, else 1.0)."""
+        (``backbone.shift``, else SD3's 3.0; ``backbone.default_guidance_scale``, else 1.0), and
+        ``schedule`` from ``backbone.sampling_sigmas`` where a backbone defines it and no shift
+        was given."""
+        schedule = self.schedule
+        if self.shift is None and schedule is None and callable(getattr(backbone, "sampling_sigmas", None)):
+            schedule = tuple(float(s) for s in backbone.sampling_sigmas(self.num_steps))
         shift = float(getattr(backbone, "shift", 3.0)) if self.shift is None else float(self.shift)
         scale = float(getattr(backbone, "default_guidance_scale", 1.0)) if self.guidance_scale is None else float(self.guidance_scale)
-        return replace(self, shift=shift, guidance_scale=scale)
+        return replace(self, shift=shift, guidance_scale=scale, schedule=schedule)
 
     def sigmas(self, device: torch.device | str | None = None) -> Tensor:
-        """``[S + 1]`` schedule from 1 to 0 (needs a resolved ``shift``)."""
+        """``[S + 1]`` schedule from 1 to 0 (``schedule`` if set, else ``flow_sigmas`` with the
+        resolved ``shift``)."""
+        if self.schedule is not None:
+            if len(self.schedule) != self.num_steps + 1:
+                raise ValueError(f"schedule has {len(self.schedule)} sigmas, expected num_steps + 1 = {self.num_steps + 1}")
+            return torch.tensor(self.schedule, dtype=torch.float32, device=device)
         if self.shift is None:
             raise ValueError("resolve() the settings against a backbone before asking for sigmas")
         return flow_sigmas(self.num_steps, shift=self.shift, device=device)

@@ -22,6 +22,7 @@ from dgpo_lightning.models.testing.qwen_image import (
     build_tiny_qwen_image,
 )
 from dgpo_lightning.sampling import flow_sigmas, ode_euler
+from dgpo_lightning.sampling.settings import SamplerSettings
 
 RES = 32
 # Different token counts (so batches pad), one repeated.
@@ -198,6 +199,8 @@ def test_euler_rollout_matches_the_diffusers_pipeline(shared, true_cfg_scale):
             output_type="latent",
         ).images
         sigmas = pipe.scheduler.sigmas.float()  # the schedule the pipeline integrated
+        # ... is what the package's samplers use by default (shift_terminal included).
+        torch.testing.assert_close(SamplerSettings("ode_euler", 3).resolve(backbone).sigmas(), sigmas)
         cond = backbone.encode_prompts(prompts)
         ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=true_cfg_scale), x, sigmas).sample
     reference = pipe._unpack_latents(reference, RES, RES, pipe.vae_scale_factor)[:, :, 0]
@@ -210,10 +213,8 @@ def test_euler_rollout_matches_the_diffusers_pipeline(shared, true_cfg_scale):
             torch.testing.assert_close(backbone.decode(ours), images, rtol=1e-4, atol=1e-4)
 
 
-def test_shift_is_exp_mu_and_shift_terminal_is_reported(shared):
-    pipe, _ = shared
-    with pytest.warns(UserWarning, match="shift_terminal=0.02"):
-        backbone = QwenImageBackbone.from_pipeline(pipe, resolution=RES)
+def test_shift_is_exp_mu_and_the_samplers_take_the_pipelines_terminal_stretch(shared):
+    pipe, backbone = shared
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
@@ -227,6 +228,10 @@ def test_shift_is_exp_mu_and_shift_terminal_is_reported(shared):
     # With it (the published config) the pipeline's last non-zero sigma is 0.02; pipeline_sigmas has it.
     exact = backbone.pipeline_sigmas(10)
     assert exact[-2].item() == pytest.approx(0.02) and exact[0].item() == pytest.approx(1.0) and exact[-1] == 0
+    assert not torch.allclose(exact, flow_sigmas(10, shift=backbone.shift))  # the stretch matters
+    torch.testing.assert_close(SamplerSettings("ode_dpm", 10).resolve(backbone).sigmas(), exact)
+    # An explicit shift (data.shift) replaces the pipeline's schedule with flow_sigmas.
+    torch.testing.assert_close(SamplerSettings("ode_dpm", 10, shift=2.0).resolve(backbone).sigmas(), flow_sigmas(10, shift=2.0))
     # 512 px (1024 tokens): the value the YAML's rollouts use.
     big = backbone.__class__.__new__(backbone.__class__)
     big._pipe, big.resolution, big.vae_scale_factor = pipe, 512, 8
