@@ -1,7 +1,7 @@
 """A benchmark protocol (the paper's evaluation table) for a base model and trained adapters.
 
 ``python -m dgpo_lightning.evaluate --protocol paper --backbone sd3 --model DIR --adapter NAME=DIR ... --out OUT``
-(or ``python -m dgpo_lightning.benchmark``). A protocol (YAML, e.g. ``experiments/eval/paper.yaml``)
+(or ``python -m dgpo_lightning.benchmark``). A protocol (YAML, e.g. ``experiments/protocols/paper.yaml``)
 has *sections*: a prompt file, images per prompt and *columns*, each a reward with its options. The
 images of a section are sampled once per model and scored by all its columns (the out-of-domain
 suite scores one set of images with five rewards). Rows are models: the base, then each adapter.
@@ -39,7 +39,7 @@ from dgpo_lightning.sampling.seeds import evaluation_plan
 from dgpo_lightning.sampling.settings import SamplerSettings
 
 #: ``--protocol paper`` resolves to this file of the repository.
-PAPER_PROTOCOL = Path(__file__).resolve().parents[1] / "experiments" / "eval" / "paper.yaml"
+PAPER_PROTOCOL = Path(__file__).resolve().parents[1] / "experiments" / "protocols" / "paper.yaml"
 BASE_ROW = "base"
 #: Errors that mean "this column's inputs are not there" (missing weights, a judge server down), not a bug.
 MISSING_INPUT_ERRORS = (FileNotFoundError, OSError, ImportError, RuntimeError)
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a base model and trained adapters with a benchmark protocol (the paper's table).",
         allow_abbrev=False,
     )
-    parser.add_argument("--protocol", required=True, help="'paper' (experiments/eval/paper.yaml) or a protocol YAML file")
+    parser.add_argument("--protocol", required=True, help="'paper' (experiments/protocols/paper.yaml) or a protocol YAML file")
     parser.add_argument("--backbone", default="world", help="backbone kind (world, sd3, flux, ...)")
     parser.add_argument("--model", default=None, help="base pipeline / checkpoint directory")
     parser.add_argument("--backbone-options", default=None, help="JSON object of backbone options")

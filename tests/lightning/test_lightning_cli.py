@@ -8,8 +8,9 @@ from dgpo_lightning.cli import DGPOCLI
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 BASE = EXPERIMENTS / "base" / "world_dgpo.yaml"
-# Configs only, not the resolved config.yaml files that experiment runs write under experiments/runs/.
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "runs" not in p.relative_to(EXPERIMENTS).parts)
+# Configs only: not the resolved config.yaml files that experiment runs write under experiments/runs/,
+# nor the benchmark protocols (experiments/protocols, read by evaluate --protocol).
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if not {"runs", "protocols"} & set(p.relative_to(EXPERIMENTS).parts))
 
 
 def parse(*args):
