@@ -1,4 +1,4 @@
-"""benchmarks/bench_sd3_gpu.py: the SD3.5-Medium architecture it builds, its refusal without CUDA, its
+"""benchmarks/bench_sd3_gpu.py: the published architectures it builds (SD3.5-M/L, FLUX.1, Qwen-Image, SANA, Z-Image; on the meta device), each --model at tiny size on the CPU; the SD3.5-Medium architecture, its refusal without CUDA, its
 FLOP accounting (on a tiny config on the CPU) and a tiny end-to-end run on CUDA (``gpu`` marker)."""
 
 from __future__ import annotations
@@ -112,3 +112,86 @@ def test_tiny_config_runs_on_cuda(bench, tmp_path):
         assert result["memory"][key] > 0
     assert 0 < result["train_step"]["mfu"] <= result["train_step"]["hfu"] < 1
     assert result["train_step"]["recomputed_tflops"] > 0
+
+
+# ----------------------------------------------------------------------------- every --model
+
+#: Published transformer sizes (billions; SD3's count the positional table, a tensor of their checkpoints).
+PUBLISHED_BILLIONS = {
+    "sd35_medium": (2.4, 2.6),  # "2.5 B"
+    "sd35_large": (8.0, 8.2),  # "8.1 B"
+    "flux_dev": (11.8, 12.0),  # "12 B"
+    "flux_schnell": (11.8, 12.0),
+    "qwen_image": (20.0, 20.6),  # "20 B"
+    "sana": (1.55, 1.65),  # SANA-1600M
+    "z_image": (6.0, 6.3),  # "6 B"
+}
+#: The transformer config key each random prompt embedding feeds.
+TEXT_INPUT_KEYS = {
+    "prompt_embeds": ("joint_attention_dim", "caption_channels", "cap_feat_dim"),
+    "pooled_prompt_embeds": ("pooled_projection_dim",),
+}
+
+
+def test_every_model_is_covered(bench):
+    assert set(bench.MODELS) == set(PUBLISHED_BILLIONS)
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED_BILLIONS))
+def test_published_architecture_on_the_meta_device(bench, model):
+    """Each --model's published config builds (no memory), has the released size, and its random
+    prompt embeddings have the widths its transformer reads."""
+    import diffusers
+
+    spec = bench.MODELS[model]
+    with torch.device("meta"):
+        transformer = getattr(diffusers, spec.transformer_class)(**spec.transformer_config)
+    size = sum(p.numel() for p in transformer.parameters())
+    if spec.sd3_config is not None:
+        size += transformer.pos_embed.pos_embed.numel()
+        widths = {"prompt_embeds": 4096, "pooled_prompt_embeds": 2048}
+    else:
+        widths = spec.text_widths
+    low, high = PUBLISHED_BILLIONS[model]
+    assert low * 1e9 < size < high * 1e9, size
+    config = transformer.config
+    for key, width in widths.items():
+        (name,) = [n for n in TEXT_INPUT_KEYS[key] if n in config]
+        assert config[name] == width, (key, name)
+    if spec.packed_latents:
+        assert config.in_channels == 4 * 16  # 2x2 patches of the 16-channel VAE
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED_BILLIONS))
+def test_each_model_runs_at_tiny_size_on_the_cpu(bench, model):
+    """--model M --tiny: the family's toy through its backbone class, the DGPO step and the FLOP
+    accounting; the LoRA sits on the backbone's own targets."""
+    args = bench.parse_args(
+        ["--model", model, "--tiny", "--group-size", "2", "--resolution", "32", "--repeats", "1", "--steps", "2",
+         "--lora-rank", "2", "--out", ""]
+    )
+    r = bench.run(args, "cpu")
+    assert r["model"] == model and r["train_step"]["loss_finite"]
+    assert r["train_step"]["recomputed_tflops"] > 0 and 0 < r["train_step"]["mfu"] <= r["train_step"]["hfu"]
+    assert r["trainable_params"] > 0 and r["guidance_scale"] == bench.MODELS[model].guidance_scale
+    assert r["rollout"]["ode_dpm_seconds_per_group"] > 0 and r["text_tokens"] > 0
+
+
+def test_random_embeddings_replace_the_tiny_encoders_widths(bench):
+    """The replacement path of the non-SD3 models, on FLUX.1-schnell's toy with its transformer kept:
+    the encoded keys get the requested widths, seeded by the prompt, the token counts kept."""
+    backbone = bench.build_model_backbone("flux_schnell", 32, "cpu", tiny=True)
+    before = backbone.encode_prompts(["a cat"])
+    backbone.clear_prompt_cache()
+    bench.random_text_embeddings(backbone, {"prompt_embeds": 24, "pooled_prompt_embeds": 8})
+    after = backbone.encode_prompts(["a cat", "a dog", "a cat"])
+    assert after["prompt_embeds"].shape == (3, before["prompt_embeds"].shape[1], 24)
+    assert after["pooled_prompt_embeds"].shape == (3, 8)
+    assert torch.equal(after["prompt_embeds"][0], after["prompt_embeds"][2])
+    assert not torch.equal(after["prompt_embeds"][0], after["prompt_embeds"][1])
+
+
+def test_config_option_is_sd3_only(bench):
+    assert bench.parse_args(["--config", "sd35_large"]).model == "sd35_large"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "flux_dev", "--config", "tiny"])
