@@ -462,7 +462,7 @@ def build_module(backbone, args):
 
     module = DGPOModule(
         backbone="sd3",  # recorded only: the backbone below is built already
-        model_path=f"random {args.model} weights (built in code)",
+        model_path=f"random {getattr(args, 'model', None) or args.config} weights (built in code)",
         finetune="lora",
         lora_rank=args.lora_rank,
         beta=30.0,
