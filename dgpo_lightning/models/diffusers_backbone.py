@@ -48,8 +48,9 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 class DiffusersBackbone(nn.Module):
     """A diffusers text-to-image pipeline as a :class:`~dgpo_lightning.models.backbone.Backbone`.
 
-    Subclasses set the class attributes and implement :meth:`_encode_batch`, :meth:`_forward`,
-    :meth:`latent_shape`, :meth:`decode` and :meth:`encode`.
+    Subclasses set the class attributes and implement :meth:`_encode_batch`, :meth:`_forward` and
+    :meth:`latent_shape` (and :meth:`decode` / :meth:`encode` for a VAE other than an
+    ``AutoencoderKL`` with scaling and shift factors).
 
     Args:
         pipe: the diffusers pipeline (its modules become submodules here, so ``.to()``,
@@ -65,6 +66,9 @@ class DiffusersBackbone(nn.Module):
 
     #: diffusers pipeline class name (loading and the LoRA format).
     pipeline_class: ClassVar[str]
+    #: ``model.backbone`` name and an example hub id, for error messages.
+    registry_name: ClassVar[str]
+    example_model: ClassVar[str] = ""
     #: diffusers class name of the denoiser (``pipe.transformer``).
     denoiser_class: ClassVar[str]
     #: pipeline attributes holding text encoders.
@@ -300,13 +304,38 @@ class DiffusersBackbone(nn.Module):
         """``(C, H, W)`` of one latent."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ VAE
+    # An ``AutoencoderKL`` with ``scaling_factor`` and ``shift_factor`` (SD3, FLUX.1, Z-Image);
+    # backbones with another VAE (Qwen-Image's video VAE, SANA's DC-AE) override both.
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32)."""
-        raise NotImplementedError
+        """Latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32):
+        ``vae.decode(latents / scaling_factor + shift_factor)``, as the pipelines decode."""
+        config = self.vae.config
+        z = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` → latents (posterior mean, or a sample with ``generator``)."""
-        raise NotImplementedError
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` → latents ``(z - shift_factor) * scaling_factor``
+        with ``z`` the posterior mean (a sample when a ``generator`` is given)."""
+        config = self.vae.config
+        posterior = self.vae.encode((2 * images - 1).to(self.vae.dtype), return_dict=False)[0]
+        z = posterior.sample(generator) if generator is not None else posterior.mode()
+        return ((z - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor).float()
+
+    # ------------------------------------------------------------------ registry
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **options: Any) -> "DiffusersBackbone":
+        """The registry's loader (``model.backbone: <registry_name>``): :meth:`from_pretrained`, with
+        a clear error when ``model.model_path`` is missing."""
+        if not path:
+            raise ValueError(
+                f"model.backbone={cls.registry_name} needs model.model_path: a local {cls.pipeline_class} "
+                f"directory or a hub id already in the local cache (e.g. {cls.example_model})"
+            )
+        return cls.from_pretrained(path, **options)
 
 
 __all__ = ["DiffusersBackbone", "as_dtype"]

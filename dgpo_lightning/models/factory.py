@@ -14,7 +14,7 @@ from typing import Any, Callable
 #: Built-in loaders, ``name -> "module:function"``; each function takes ``(path, **options)``.
 BUILTIN_BACKBONES: dict[str, str] = {
     "world": "dgpo_lightning.world.backbone:load_backbone",
-    "sd3": "dgpo_lightning.models.factory:load_sd3",  # SD3 and SD3.5 Medium/Large
+    "sd3": "dgpo_lightning.models.sd3:load_backbone",  # SD3 and SD3.5 Medium/Large
     "flux": "dgpo_lightning.models.flux:load_backbone",  # FLUX.1 dev (guidance-distilled) and schnell
     "qwen_image": "dgpo_lightning.models.qwen_image:load_backbone",
     "sana": "dgpo_lightning.models.sana:load_backbone",
@@ -49,23 +49,17 @@ def _loader(kind: str) -> Callable[..., Any]:
     raise ValueError(f"unknown backbone {kind!r}; choose one of {', '.join(available_backbones())}")
 
 
-def load_sd3(path: str | None = None, **options: Any):
-    """An :class:`~dgpo_lightning.models.sd3.SD3Backbone` from a local SD3/3.5 pipeline directory or hub id."""
-    if not path:
-        raise ValueError("model.backbone=sd3 needs model.model_path: a local SD3/3.5 pipeline directory or hub id")
-    from dgpo_lightning.models.sd3 import SD3Backbone
-
-    return SD3Backbone.from_pretrained(path, **options)
-
-
 def load_backbone(kind: str, path: str | None = None, **options: Any):
     """Load a backbone implementing :class:`~dgpo_lightning.models.backbone.Backbone`.
 
     Args:
-        kind: ``"world"`` (the embedded model; ``path=None`` is its shipped base checkpoint),
-            ``"sd3"`` (a Stable Diffusion 3/3.5 pipeline directory or hub id; ``path`` required), or
-            a name added with :func:`register_backbone`.
+        kind: ``"world"`` (the embedded model; ``path=None`` is its shipped base checkpoint), a
+            diffusers pipeline family (``"sd3"``, ``"flux"``, ``"qwen_image"``, ``"sana"``,
+            ``"z_image"``: a pipeline directory or cached hub id, ``path`` required), or a name
+            added with :func:`register_backbone`.
         path: checkpoint directory or hub id.
-        **options: backbone-specific options (SD3: ``resolution``, ``torch_dtype``).
+        **options: backbone-specific options (all diffusers ones: ``resolution``, ``torch_dtype``,
+            ``offload_text_encoders``, ``prompt_cache_size``; FLUX: ``guidance``,
+            ``max_sequence_length``; Z-Image: ``turbo``; see each class).
     """
     return _loader(kind)(path, **options)

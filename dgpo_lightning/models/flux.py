@@ -123,6 +123,8 @@ class FluxBackbone(DiffusersBackbone):
     """
 
     pipeline_class = "FluxPipeline"
+    registry_name = "flux"
+    example_model = "black-forest-labs/FLUX.1-dev"
     denoiser_class = "FluxTransformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     lora_targets = FLUX_TARGET_MODULES
@@ -242,33 +244,11 @@ class FluxBackbone(DiffusersBackbone):
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.vae_scale_factor
         return (self.latent_channels, side, side)
-
-    # ------------------------------------------------------------------ VAE
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``[B, 16, h, w]`` → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32); ``z = latents /
-        scaling_factor + shift_factor`` as in FluxPipeline."""
-        config = self.vae.config
-        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` → latents ``(z - shift_factor) * scaling_factor`` (the
-        posterior mean; a sample when a ``generator`` is given)."""
-        config = self.vae.config
-        posterior = self.vae.encode((2 * images - 1).to(self.vae.dtype), return_dict=False)[0]
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return ((z - (config.shift_factor or 0.0)) * config.scaling_factor).float()
+    # VAE: the base class's AutoencoderKL decode/encode (scaling and shift factors).
 
 
-def load_backbone(path: str | None = None, **options: Any) -> FluxBackbone:
-    """A :class:`FluxBackbone` from a local FLUX.1 pipeline directory or a cached hub id."""
-    if not path:
-        raise ValueError(
-            "model.backbone=flux needs model.model_path: a local FLUX.1-dev/schnell pipeline directory or hub id"
-        )
-    return FluxBackbone.from_pretrained(path, **options)
+#: The registry's loader (``model.backbone: flux``).
+load_backbone = FluxBackbone.load
 
 
 __all__ = ["DEFAULT_GUIDANCE", "FLUX_TARGET_MODULES", "FluxBackbone", "flux_shift", "load_backbone"]

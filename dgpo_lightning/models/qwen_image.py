@@ -116,6 +116,8 @@ class QwenImageBackbone(DiffusersBackbone):
     """
 
     pipeline_class = "QwenImagePipeline"
+    registry_name = "qwen_image"
+    example_model = "Qwen/Qwen-Image"
     denoiser_class = "QwenImageTransformer2DModel"
     text_encoder_names = ("text_encoder",)
     lora_targets = QWEN_IMAGE_TARGET_MODULES
@@ -347,14 +349,8 @@ class QwenImageBackbone(DiffusersBackbone):
         return ((z - mean) * (1.0 / std))[:, :, 0].float()
 
 
-def load_backbone(path: str | None = None, **options: Any) -> QwenImageBackbone:
-    """A :class:`QwenImageBackbone` from a local ``QwenImagePipeline`` directory or hub id."""
-    if not path:
-        raise ValueError(
-            "model.backbone=qwen_image needs model.model_path: a local Qwen-Image pipeline directory or hub id "
-            "(e.g. Qwen/Qwen-Image already in the local cache)"
-        )
-    return QwenImageBackbone.from_pretrained(path, **options)
+#: The registry's loader (``model.backbone: qwen_image``).
+load_backbone = QwenImageBackbone.load
 
 
 __all__ = ["QWEN_IMAGE_TARGET_MODULES", "LAST_BLOCK_UNUSED_MODULES", "QwenImageBackbone", "load_backbone", "lora_targets_for"]

@@ -112,6 +112,8 @@ class SanaBackbone(DiffusersBackbone):
     """
 
     pipeline_class = "SanaPipeline"
+    registry_name = "sana"
+    example_model = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
     denoiser_class = "SanaTransformer2DModel"
     text_encoder_names = ("text_encoder",)
     lora_targets = SANA_TARGET_MODULES
@@ -255,14 +257,8 @@ class SanaBackbone(DiffusersBackbone):
         return (z * self.vae.config.scaling_factor).float()
 
 
-def load_backbone(path: str | None = None, **options: Any) -> SanaBackbone:
-    """A :class:`SanaBackbone` from a local ``SanaPipeline`` directory or a cached hub id."""
-    if not path:
-        raise ValueError(
-            "model.backbone=sana needs model.model_path: a local SanaPipeline directory or hub id "
-            "(e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers)"
-        )
-    return SanaBackbone.from_pretrained(path, **options)
+#: The registry's loader (``model.backbone: sana``).
+load_backbone = SanaBackbone.load
 
 
 __all__ = ["SANA_TARGET_MODULES", "SanaBackbone", "load_backbone", "pipeline_complex_human_instruction", "scheduler_shift"]

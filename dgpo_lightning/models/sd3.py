@@ -39,6 +39,8 @@ class SD3Backbone(DiffusersBackbone):
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
+    registry_name = "sd3"
+    example_model = "stabilityai/stable-diffusion-3.5-medium"
     denoiser_class = "SD3Transformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_targets = SD3_TARGET_MODULES
@@ -113,20 +115,8 @@ class SD3Backbone(DiffusersBackbone):
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.vae_scale_factor
         return (int(self.denoiser.config.in_channels), side, side)
+    # VAE: the base class's AutoencoderKL decode/encode (scaling and shift factors).
 
-    # ------------------------------------------------------------------ VAE
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32)."""
-        config = self.vae.config
-        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` → latents (the posterior mean; a sample when a
-        ``generator`` is given), scaled as the transformer expects."""
-        config = self.vae.config
-        posterior = self.vae.encode((2 * images - 1).to(self.vae.dtype), return_dict=False)[0]
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return ((z - (config.shift_factor or 0.0)) * config.scaling_factor).float()
+#: The registry's loader (``model.backbone: sd3``).
+load_backbone = SD3Backbone.load

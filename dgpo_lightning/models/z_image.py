@@ -107,6 +107,8 @@ class ZImageBackbone(DiffusersBackbone):
     """
 
     pipeline_class = "ZImagePipeline"
+    registry_name = "z_image"
+    example_model = "Tongyi-MAI/Z-Image-Turbo, with backbone_options turbo: true"
     denoiser_class = "ZImageTransformer2DModel"
     text_encoder_names = ("text_encoder",)
     lora_targets = Z_IMAGE_TARGET_MODULES
@@ -265,34 +267,11 @@ class ZImageBackbone(DiffusersBackbone):
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.vae_scale_factor
         return (int(self.denoiser.config.in_channels), side, side)
-
-    # ------------------------------------------------------------------ VAE
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32):
-        ``vae.decode(z / scaling + shift)`` as the pipeline."""
-        config = self.vae.config
-        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` → latents ``(z - shift) * scaling`` (the posterior
-        mean; a sample when a ``generator`` is given)."""
-        config = self.vae.config
-        posterior = self.vae.encode((2 * images - 1).to(self.vae.dtype), return_dict=False)[0]
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return ((z - (config.shift_factor or 0.0)) * config.scaling_factor).float()
+    # VAE: the base class's AutoencoderKL decode/encode (scaling and shift factors).
 
 
-def load_backbone(path: str | None = None, **options: Any) -> ZImageBackbone:
-    """The registry's loader (``model.backbone: z_image``)."""
-    if not path:
-        raise ValueError(
-            "model.backbone=z_image needs model.model_path: a ZImagePipeline directory or a cached hub id "
-            "(e.g. Tongyi-MAI/Z-Image-Turbo with backbone_options turbo: true)"
-        )
-    return ZImageBackbone.from_pretrained(path, **options)
+#: The registry's loader (``model.backbone: z_image``).
+load_backbone = ZImageBackbone.load
 
 
 __all__ = ["TDM_R1_LORA_ALPHA", "TDM_R1_LORA_RANK", "Z_IMAGE_TARGET_MODULES", "ZImageBackbone", "load_backbone"]
