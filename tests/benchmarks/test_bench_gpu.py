@@ -195,3 +195,13 @@ def test_config_option_is_sd3_only(bench):
     assert bench.parse_args(["--config", "sd35_large"]).model == "sd35_large"
     with pytest.raises(SystemExit):
         bench.parse_args(["--model", "flux_dev", "--config", "tiny"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", sorted(PUBLISHED_BILLIONS))
+def test_each_model_tiny_on_cuda(bench, model, tmp_path):
+    result = bench.main(["--model", model, "--tiny", "--group-size", "2", "--resolution", "32", "--repeats", "1",
+                         "--steps", "2", "--lora-rank", "2", "--out", str(tmp_path / model)])
+    assert result["train_step"]["loss_finite"] and result["memory"]["train_step_peak_gib"] > 0
+    assert (tmp_path / f"{model}.md").read_text().startswith(f"# {bench.MODELS[model].title}")
