@@ -181,3 +181,37 @@ def test_the_paper_protocol_parses_and_lays_out_the_papers_columns():
     names = [column.name for _, column in protocol.columns()]
     assert names == ["GenEval", "OCR", "PickScore", "Aesthetic", "DeQA", "ImageReward", "PickScore", "UnifiedReward"]
     assert [s.images_per_prompt for s in protocol.sections][0] == 4
+
+
+def test_the_protocol_on_the_tiny_sd3_with_a_tiny_reward_model(tmp_path):
+    """The same command on a diffusers backbone: a tiny SD3 saved to disk, a tiny CLIP as PickScore."""
+    from dgpo_lightning.models.testing import build_tiny_sd3, save_tiny_clip
+
+    build_tiny_sd3(seed=0).save_pretrained(tmp_path / "sd3")
+    clip = save_tiny_clip(tmp_path / "pickscore")
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na photo of two blue cars\n")
+    protocol = {
+        "seed": 0,
+        "sampling": {"sampler": "ode_dpm", "num_steps": 2, "guidance_scale": 4.5},
+        "sections": {
+            "pickscore": {"prompts": str(tmp_path / "prompts.txt"), "images_per_prompt": 2, "columns": {
+                "PickScore": {"reward": "pickscore", "options": {"model_path": str(clip), "processor_path": str(clip)}},
+            }},
+        },
+    }
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(protocol))
+    results = benchmark.main([
+        "--protocol", str(tmp_path / "protocol.yaml"), "--backbone", "sd3", "--model", str(tmp_path / "sd3"),
+        "--backbone-options", '{"resolution": 32}', "--out", str(tmp_path / "out"), "--no-progress",
+    ])
+    from dgpo_lightning.models.sd3 import SD3Backbone
+
+    backbone = SD3Backbone.from_pretrained(tmp_path / "sd3", resolution=32)
+    records = [{"prompt": p} for p in ("a photo of a cat", "a photo of two blue cars")]
+    plan = evaluation_plan(records, 0, 2)
+    settings = SamplerSettings("ode_dpm", 2, guidance_scale=4.5)
+    images = generate_images(backbone, [records[i]["prompt"] for i, _ in plan], [s for _, s in plan], settings)
+    reward = build("pickscore", model_path=str(clip), processor_path=str(clip))
+    expected = reward(images, [records[i]["prompt"] for i, _ in plan]).mean().item()
+    assert results["table"]["base"]["pickscore/PickScore"] == pytest.approx(expected, rel=1e-5)
+    assert (tmp_path / "out" / "table.md").read_text().startswith("| model | PickScore |")
