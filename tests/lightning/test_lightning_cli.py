@@ -26,7 +26,8 @@ def test_config_parses(config, tmp_path):
     # Base and paper task configs stand alone; ablations and overlays compose on top of the DGPO base,
     # left to right.
     standalone = config.parent.name == "base" or (config.parent.name == "paper" and config.name != "cfg_free.yaml")
-    under = EXPERIMENTS / "paper" / "sd35m_ocr.yaml" if config.name == "cfg_free.yaml" else BASE
+    paper_overlay = config.name == "cfg_free.yaml" or config.parent.name == "models"
+    under = EXPERIMENTS / "paper" / "sd35m_ocr.yaml" if paper_overlay else BASE
     args = ["--config", str(config)] if standalone else ["--config", str(under), "--config", str(config)]
     # GPU configs are parsed on the CPU here; the accelerator is the only thing overridden.
     cli = parse(*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true")
@@ -43,6 +44,26 @@ def test_paper_cfg_free_overlay_composes_on_each_task(task, tmp_path):
     )
     assert cli.datamodule.hparams.guidance_scale == 1.0  # rollouts without CFG
     assert cli.model.hparams.reference_guidance_scale == 4.5 and cli.model.hparams.clip_range == 1e-3
+
+
+@pytest.mark.parametrize("model", sorted((EXPERIMENTS / "paper" / "models").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("task", ["geneval", "ocr", "pickscore"])
+def test_paper_tasks_compose_with_each_backbone(task, model, tmp_path):
+    """The paper's three tasks on every backbone: the task's loss values, the model's sampling."""
+    import yaml
+
+    paper = EXPERIMENTS / "paper"
+    cli = parse(
+        "--config", str(paper / f"sd35m_{task}.yaml"), "--config", str(model),
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+    )
+    recipe, overlay = yaml.safe_load((paper / f"sd35m_{task}.yaml").read_text()), yaml.safe_load(model.read_text())
+    assert cli.model.hparams.beta == recipe["model"]["beta"] and cli.model.hparams.t_min == recipe["model"]["t_min"]
+    assert cli.model.hparams.backbone == overlay["model"].get("backbone", "sd3")
+    assert cli.model.hparams.lora_targets is None  # each backbone's own targets
+    assert list(cli.datamodule.hparams.rewards) == [task]
+    if "backbone" in overlay["model"]:
+        assert cli.datamodule.hparams.shift is None  # the model's own schedule, not SD3's 3
 
 
 def test_later_configs_override_earlier_ones(tmp_path):
