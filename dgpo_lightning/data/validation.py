@@ -101,6 +101,17 @@ def validate_prompt_file(
                 f"{key}: {prompts.where(bare[0])}: reward {name!r} needs GenEval metadata (a .jsonl file with "
                 f"'tag' and 'include' per prompt), but this is {found}; use a GenEval prompt file or another reward"
             )
+    if any(kind(name) == "ocr" for name in rewards):  # Flow-GRPO's OCR format: the text to render in quotes
+        from dgpo_lightning.rewards.ocr import extract_quoted_text
+
+        for index, record in enumerate(records):
+            try:
+                extract_quoted_text(str(record["prompt"]))
+            except ValueError:
+                raise ConfigError(
+                    f"{key}: {prompts.where(index)}: the OCR reward needs the text to render in double quotes "
+                    f"(e.g. 'a sign that says \"OPEN\"'), got {record['prompt']!r}"
+                ) from None
     from dgpo_lightning.rewards.geneval_rules import check_metadata
 
     for index, record in enumerate(records):  # GenEval records are checked whichever reward reads them

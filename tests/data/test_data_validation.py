@@ -170,3 +170,14 @@ def test_reward_labels_with_a_kind_train_and_evaluate():
         RolloutDataModule(rewards={"mine": 1.0}, prompts_per_rank=1, eval_prompts=None)
     with pytest.raises(ConfigError, match=r"data.eval_rewards=\['judge'\] names unknown rewards"):
         RolloutDataModule(eval_rewards=["judge"], reward_options={"judge": {"kind": "nope"}}, prompts_per_rank=1, eval_prompts=None)
+
+
+def test_ocr_prompts_need_quoted_text(tmp_path):
+    good = tmp_path / "ocr.txt"
+    good.write_text('a sign that says "OPEN"\na poster reading “SALE”\n')
+    assert len(validate_prompt_file(good, key="data.train_prompts", rewards=["ocr"]).records) == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_text('a sign that says "OPEN"\n\na sign that says hello\n')
+    with pytest.raises(ConfigError, match=r"data.train_prompts: .*bad.txt:3: the OCR reward needs the text to render in double quotes"):
+        validate_prompt_file(bad, key="data.train_prompts", rewards=["ocr"])
+    validate_prompt_file(bad, key="data.train_prompts", rewards=["jpeg_incompressibility"])  # only the OCR reward asks
