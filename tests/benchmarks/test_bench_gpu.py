@@ -205,3 +205,29 @@ def test_each_model_tiny_on_cuda(bench, model, tmp_path):
                          "--steps", "2", "--lora-rank", "2", "--out", str(tmp_path / model)])
     assert result["train_step"]["loss_finite"] and result["memory"]["train_step_peak_gib"] > 0
     assert (tmp_path / f"{model}.md").read_text().startswith(f"# {bench.MODELS[model].title}")
+
+
+#: Latents at 512 px of the real VAEs: 8x (16 channels) except SANA's DC-AE, 32x (32 channels).
+LATENTS_512 = {
+    "flux_dev": (16, 64, 64), "flux_schnell": (16, 64, 64), "qwen_image": (16, 64, 64), "sana": (32, 16, 16),
+    "z_image": (16, 64, 64),
+}
+
+
+@pytest.mark.parametrize("model", sorted(LATENTS_512))
+def test_published_backbones_build_on_the_meta_device(bench, model):
+    """The full-size build path (transformer swapped in, real VAE factor, packed channels, random
+    embeddings) on the meta device; FLUX.1-schnell and SANA also run a CFG forward there (shapes
+    only; Qwen-Image's and Z-Image's forwards read mask lengths, which meta tensors do not have)."""
+    backbone = bench.build_model_backbone(model, 512, "meta")
+    spec = bench.MODELS[model]
+    assert type(backbone.denoiser).__name__ == spec.transformer_class and backbone.device.type == "meta"
+    assert backbone.denoiser.dtype == torch.bfloat16
+    assert backbone.latent_shape() == LATENTS_512[model]
+    if model in ("flux_schnell", "sana"):
+        cond = backbone.encode_prompts(["a cat", "a dog"])
+        for key, width in spec.text_widths.items():
+            assert cond[key].shape[-1] == width
+        x = torch.randn(2, *backbone.latent_shape(), device="meta")
+        v = backbone.velocity(x, torch.rand(2, device="meta"), cond, guidance_scale=2.0)
+        assert v.shape == x.shape
