@@ -9,13 +9,14 @@ import torch
 
 from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.models.flux import FLUX_TARGET_MODULES, FluxBackbone, flux_shift
-from dgpo_lightning.models.lora import add_lora, load_adapter, load_lora, reference_mode, save_lora, trainable_parameters
-from dgpo_lightning.models.sharding import shard_units
+import backbone_checks as checks
+from dgpo_lightning.models.lora import add_lora
 from dgpo_lightning.models.testing.flux import build_tiny_flux
 from dgpo_lightning.sampling import flow_sigmas, ode_euler
 
 RES = 32
 PROMPTS = ["a photo of a cat", "a photo of two blue cars", "a photo of a cat"]
+_inputs = checks.inputs
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,6 @@ def dev():
 def schnell():
     pipe = build_tiny_flux(seed=0, guidance_embeds=False)
     return pipe, FluxBackbone.from_pipeline(pipe, resolution=RES)
-
-
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
-
-
-def _randomise_lora_b(denoiser, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
 
 
 def _transformer(pipe, x, t, cond, guidance):
@@ -104,16 +92,9 @@ def test_encode_prompts_matches_pipeline_and_uses_cache(dev, monkeypatch):
 
 def test_offloaded_text_encoders_visit_the_device_only_to_encode(dev):
     pipe, plain = dev
-    expected = plain.encode_prompts(PROMPTS)
     backbone = FluxBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
     assert len(backbone.text_encoders) == 2  # CLIP-L and T5
-    moves, real_to = [], backbone.text_encoders.to
-    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert moves == [str(backbone.device), "cpu"]
-    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
-    backbone.encode_prompts(PROMPTS[:2])  # cached: the encoders stay on the CPU
-    assert len(moves) == 2
+    checks.check_offloaded_text_encoders(plain, backbone, PROMPTS, keys=("prompt_embeds", "pooled_prompt_embeds"))
 
 
 def test_velocity_is_the_packed_transformer_at_t_with_guidance_embedding(dev, schnell):
@@ -269,20 +250,7 @@ def test_from_pretrained_round_trip_factory_and_missing_path(dev, tmp_path):
 
 def test_bfloat16_base_with_fp32_adapter(dev, tmp_path):
     pipe, backbone = dev
-    pipe.save_pretrained(tmp_path / "flux")
-    half = FluxBackbone.from_pretrained(tmp_path / "flux", torch_dtype="bfloat16", resolution=RES)
-    assert half.denoiser.dtype == torch.bfloat16
-    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
-    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
-    x, t = _inputs(backbone)
-    v = half.velocity(x, t, half.encode_prompts(PROMPTS))
-    with torch.no_grad():
-        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS))
-    assert v.dtype == torch.float32
-    assert (v - v32).abs().max() < 0.1 * v32.abs().max()
-    v.square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
-    assert half.decode(x[:1]).dtype == torch.float32
+    checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, FluxBackbone.from_pretrained, tmp_path / "flux", PROMPTS)
 
 
 def test_default_lora_targets_cover_both_block_kinds():
@@ -295,64 +263,26 @@ def test_default_lora_targets_cover_both_block_kinds():
     assert not any(".proj_mlp" in n or n.startswith(("x_embedder", "context_embedder", "proj_out")) for n in adapted)
 
 
+def _new_dev():
+    return build_tiny_flux(seed=0)
+
+
+def _from_pipe(pipe):
+    return FluxBackbone.from_pipeline(pipe, resolution=RES)
+
+
 def test_lora_save_load_into_fresh_pipeline_gives_identical_outputs(tmp_path):
-    backbone = FluxBackbone.from_pipeline(build_tiny_flux(seed=0), resolution=RES)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-        with reference_mode(backbone.denoiser):
-            base = backbone.velocity(x, t, cond)
-    save_lora(backbone, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-
-    pipe = build_tiny_flux(seed=0)
-    with torch.no_grad():
-        untouched = _transformer(pipe, x, t, cond, guidance=3.5)
-        pipe.load_lora_weights(tmp_path / "adapter")
-        loaded = _transformer(pipe, x, t, cond, guidance=3.5)
-        images = pipe(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, output_type="pt").images
-    torch.testing.assert_close(untouched, base)
-    assert not torch.allclose(untouched, expected, atol=1e-3)
-    torch.testing.assert_close(loaded, expected)
-    assert images.shape == (1, 3, RES, RES)
-
-    fresh = FluxBackbone.from_pipeline(build_tiny_flux(seed=0), resolution=RES)
-    load_adapter(fresh, tmp_path / "adapter")  # inference path (evaluate --adapter)
-    resumed = FluxBackbone.from_pipeline(build_tiny_flux(seed=0), resolution=RES)
-    load_lora(resumed, tmp_path / "adapter")  # training resume: adapter trainable
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, t, cond), expected)
-        torch.testing.assert_close(resumed.velocity(x, t, cond), expected)
-    assert trainable_parameters(resumed) and all("lora_" in n for n, p in resumed.named_parameters() if p.requires_grad)
+    checks.check_lora_round_trip(
+        _new_dev, _from_pipe, lambda pipe, x, t, cond: _transformer(pipe, x, t, cond, guidance=3.5), PROMPTS,
+        tmp_path / "adapter", images={},
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
-    results = []
-    for checkpointing in (False, True):
-        backbone = FluxBackbone.from_pipeline(build_tiny_flux(seed=0), resolution=RES)
-        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-        _randomise_lora_b(backbone.denoiser)
-        if checkpointing:
-            backbone.denoiser.enable_gradient_checkpointing()
-        backbone.train()
-        x, t = _inputs(backbone)
-        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS)).square().mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    checks.check_gradient_checkpointing(_from_pipe(_new_dev()), PROMPTS)
 
 
 def test_fsdp_shard_units_are_all_flux_blocks(dev):
     pipe, backbone = dev
-    units = shard_units(backbone.denoiser)
     blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
-    assert len(units) == len(blocks) == 4 and all(a is b for a, b in zip(units, blocks))
+    checks.check_shard_units(backbone, blocks, 4)

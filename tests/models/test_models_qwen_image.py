@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import backbone_checks as checks
 from dgpo_lightning.models.backbone import Backbone
-from dgpo_lightning.models.lora import add_lora, load_adapter, reference_mode, save_lora, trainable_parameters
+from dgpo_lightning.models.lora import add_lora, reference_mode, trainable_parameters
 from dgpo_lightning.models.qwen_image import QWEN_IMAGE_TARGET_MODULES, LAST_BLOCK_UNUSED_MODULES, QwenImageBackbone
-from dgpo_lightning.models.sharding import shard_units
 from dgpo_lightning.models.testing.qwen_image import (
     QWEN_IMAGE_PROMPT_TEMPLATE,
     QWEN_IMAGE_SCHEDULER_CONFIG,
@@ -27,6 +27,7 @@ from dgpo_lightning.sampling.settings import SamplerSettings
 RES = 32
 # Different token counts (so batches pad), one repeated.
 PROMPTS = ["a photo of a cat", 'a sign that says "hello world" in bold letters', "a photo of a cat"]
+_inputs = checks.inputs
 
 
 def _backbone(pipe, **kwargs):
@@ -45,17 +46,8 @@ def _fresh(seed=0):
     return _backbone(build_tiny_qwen_image(seed=seed))
 
 
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
-
-
-def _randomise_lora_b(denoiser, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+def _randomise_lora_b(denoiser):
+    checks.randomise_lora_b(denoiser, scale=0.3)
 
 
 def _transformer(pipe, x, t, embeds, mask):
@@ -118,9 +110,7 @@ def test_encode_prompts_matches_pipeline_cache_and_padding(shared, monkeypatch):
     with pytest.raises(ValueError, match="max_sequence_length"):
         _backbone(pipe, max_sequence_length=2048)
 
-    with torch.inference_mode():
-        backbone.encode_prompts(["three purple birds"])
-    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+    checks.check_inference_mode_prompts_cached_as_normal_tensors(backbone)
 
 
 def test_velocity_is_the_transformer_on_packed_tokens_at_sigma(shared):
@@ -286,62 +276,28 @@ def test_from_pretrained_round_trip_loader_and_missing_path(shared, tmp_path):
 
 def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
     pipe, plain = shared
-    expected = plain.encode_prompts(PROMPTS)
-    backbone = _backbone(pipe, offload_text_encoders=True)
-    moves, real_to = [], backbone.text_encoders.to
-    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert moves == [str(backbone.device), "cpu"]
-    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
-    backbone.encode_prompts(PROMPTS[:2])  # cached: no move
-    assert len(moves) == 2
+    checks.check_offloaded_text_encoders(plain, _backbone(pipe, offload_text_encoders=True), PROMPTS,
+                                  keys=("prompt_embeds", "prompt_embeds_mask"))
+
+
+def _from_pretrained(path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QwenImageBackbone.from_pretrained(path, **kwargs)
 
 
 def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
-    pipe.save_pretrained(tmp_path / "qwen")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        half = QwenImageBackbone.from_pretrained(tmp_path / "qwen", torch_dtype="bfloat16", resolution=RES)
-    assert half.denoiser.dtype == torch.bfloat16
-    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
-    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
-    x, t = _inputs(backbone)
-    v = half.velocity(x, t, half.encode_prompts(PROMPTS), guidance_scale=4.0)
-    with torch.no_grad():
-        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.0)
-    assert v.dtype == torch.float32 and (v - v32).abs().max() < 0.1 * v32.abs().max()
-    v.square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
-    assert half.decode(x[:1]).dtype == torch.float32
+    checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, _from_pretrained, tmp_path / "qwen", PROMPTS, guidance_scale=4.0)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
-    results = []
-    for checkpointing in (False, True):
-        backbone = _fresh()
-        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-        _randomise_lora_b(backbone.denoiser)
-        if checkpointing:
-            backbone.denoiser.enable_gradient_checkpointing()
-        backbone.train()
-        x, t = _inputs(backbone)
-        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.0).square().mean()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    checks.check_gradient_checkpointing(_fresh(), PROMPTS, guidance_scale=4.0, lora_scale=0.3)
 
 
 def test_fsdp_shard_units_are_all_dual_stream_blocks(shared):
     pipe, backbone = shared
-    units = shard_units(backbone.denoiser)
-    blocks = list(pipe.transformer.transformer_blocks)
-    assert len(units) == len(blocks) == 2 and all(a is b for a, b in zip(units, blocks))
+    checks.check_shard_units(backbone, list(pipe.transformer.transformer_blocks), 2)
 
 
 def test_train_mode_keeps_frozen_parts_in_eval(shared):
@@ -391,29 +347,11 @@ def test_lora_reference_mode_is_the_base_model():
 
 
 def test_lora_save_into_fresh_pipeline_and_load_adapter_round_trip(tmp_path):
-    backbone = _fresh(seed=0)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-    save_lora(backbone, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-
-    pipe = build_tiny_qwen_image(seed=0)
-    with torch.no_grad():
-        untouched = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
-        pipe.load_lora_weights(tmp_path / "adapter")
-        loaded = _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"])
-    assert not torch.allclose(untouched, expected, atol=1e-3)
-    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
-
-    fresh = _fresh(seed=0)
-    load_adapter(fresh, tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, t, cond), expected, rtol=1e-4, atol=1e-5)
-    assert not trainable_parameters(fresh)  # inference: the adapter is frozen
+    checks.check_lora_round_trip(
+        lambda: build_tiny_qwen_image(seed=0), _backbone,
+        lambda pipe, x, t, cond: _transformer(pipe, x, t, cond["prompt_embeds"], cond["prompt_embeds_mask"]),
+        PROMPTS, tmp_path / "adapter", lora_scale=0.3, tolerance={"rtol": 1e-4, "atol": 1e-5},
+    )
 
 
 def test_guidance_distilled_checkpoints_are_refused():
@@ -427,17 +365,5 @@ def test_guidance_distilled_checkpoints_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bfloat16_backbone_on_cuda():
     backbone = _fresh().to("cuda", torch.bfloat16)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert cond["prompt_embeds"].device.type == "cuda" and not cond["prompt_embeds_mask"].all()
-    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
-    t = torch.rand(3, device="cuda")
-    v = backbone.velocity(x, t, cond, guidance_scale=4.0)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
-    backbone.velocity(x, t, cond).square().mean().backward()
-    assert all(p.grad is not None for p in trainable_parameters(backbone))
-    with torch.no_grad(), reference_mode(backbone.denoiser):
-        assert torch.isfinite(backbone.velocity(x, t, cond)).all()
-    images = backbone.decode(x)
-    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)
+    cond = checks.check_bfloat16_on_cuda(backbone, PROMPTS, guidance_scale=4.0, lora_scale=0.3)
+    assert not cond["prompt_embeds_mask"].all()

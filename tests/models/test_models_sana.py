@@ -5,14 +5,14 @@ memory knobs."""
 import pytest
 import torch
 
+import backbone_checks as checks
 from dgpo_lightning.models.backbone import Backbone
-from dgpo_lightning.models.lora import add_lora, load_adapter, load_lora, save_lora, trainable_parameters
 from dgpo_lightning.models.sana import SANA_TARGET_MODULES, SanaBackbone, pipeline_complex_human_instruction
-from dgpo_lightning.models.sharding import shard_units
 from dgpo_lightning.models.testing.sana import SANA_VAE_SCALING_FACTOR, build_tiny_sana
 
 RES = 32
 PROMPTS = ["a photo of a cat", "a photo of two blue cars", "a photo of a cat"]
+_inputs = checks.inputs
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +27,6 @@ def euler():
     """The same tiny SANA with a FlowMatchEulerDiscreteScheduler swapped in."""
     pipe = build_tiny_sana(seed=0, scheduler="euler")
     return pipe, SanaBackbone.from_pipeline(pipe, resolution=RES)
-
-
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
-
-
-def _randomise_lora_b(denoiser, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
 
 
 def _transformer(pipe, x, t, cond):
@@ -86,9 +73,7 @@ def test_encode_prompts_match_pipeline_with_instruction_and_cache(shared, monkey
     again = backbone.encode_prompts(["a photo of two blue cars", "a red apple"])
     assert calls == [["a red apple"]] and backbone.cache_hits == 1
     torch.testing.assert_close(again["prompt_embeds"][0], ref_embeds[1])
-    with torch.inference_mode():
-        backbone.encode_prompts(["three purple birds"])
-    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+    checks.check_inference_mode_prompts_cached_as_normal_tensors(backbone)
 
 
 def test_negative_prompt_encoded_as_pipeline_and_cfg_formula(shared):
@@ -200,93 +185,41 @@ def test_from_pretrained_round_trip_and_loader(shared, tmp_path):
         load_backbone("sana", None)
 
 
+def _new_pipe():
+    return build_tiny_sana(seed=0)
+
+
+def _from_pipe(pipe):
+    return SanaBackbone.from_pipeline(pipe, resolution=RES)
+
+
 def test_lora_save_into_fresh_pipeline_and_load_adapter(tmp_path):
-    backbone = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES)
-    config = add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
-    assert set(config.target_modules) == set(SANA_TARGET_MODULES)
-    names = {n.rsplit(".lora_", 1)[0] for n, _ in backbone.denoiser.named_parameters() if "lora_A" in n}
+    denoiser = checks.check_lora_round_trip(_new_pipe, _from_pipe, _transformer, PROMPTS, tmp_path / "adapter")["backbone"].denoiser
+    # the backbone's default targets: both attentions' projections in every block
+    assert set(denoiser.peft_config["default"].target_modules) == set(SANA_TARGET_MODULES)
+    names = {n.rsplit(".lora_", 1)[0] for n, _ in denoiser.named_parameters() if "lora_A" in n}
     assert {n.split(".")[2] for n in names} == {"attn1", "attn2"} and len(names) == 2 * 2 * 4
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-    save_lora(backbone, tmp_path / "adapter")
-
-    pipe = build_tiny_sana(seed=0)
-    with torch.no_grad():
-        untouched = _transformer(pipe, x, t, cond)
-        pipe.load_lora_weights(tmp_path / "adapter")
-        loaded = _transformer(pipe, x, t, cond)
-    assert not torch.allclose(untouched, expected, atol=1e-3)
-    torch.testing.assert_close(loaded, expected)
-
-    fresh = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES)
-    load_adapter(fresh, tmp_path / "adapter")
-    resumed = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES)
-    load_lora(resumed, tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, t, cond), expected)
-        torch.testing.assert_close(resumed.velocity(x, t, cond), expected)
-    assert trainable_parameters(resumed) and all("lora_" in n for n, p in resumed.named_parameters() if p.requires_grad)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
-    results = []
-    for checkpointing in (False, True):
-        backbone = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES)
-        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-        _randomise_lora_b(backbone.denoiser)
-        if checkpointing:
-            backbone.denoiser.enable_gradient_checkpointing()
-        backbone.train()
-        x, t = _inputs(backbone)
-        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.5).square().mean()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    checks.check_gradient_checkpointing(_from_pipe(_new_pipe()), PROMPTS, guidance_scale=4.5)
 
 
 def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
-    pipe.save_pretrained(tmp_path / "sana")
-    half = SanaBackbone.from_pretrained(tmp_path / "sana", torch_dtype="bfloat16", resolution=RES)
-    assert half.denoiser.dtype == torch.bfloat16
-    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
-    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
-    x, t = _inputs(backbone)
-    v = half.velocity(x, t, half.encode_prompts(PROMPTS), guidance_scale=4.5)
-    with torch.no_grad():
-        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=4.5)
-    assert v.dtype == torch.float32 and (v - v32).abs().max() < 0.1 * v32.abs().max()
-    v.square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
-    assert half.decode(x[:1]).dtype == torch.float32
+    checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, SanaBackbone.from_pretrained, tmp_path / "sana", PROMPTS,
+                                          guidance_scale=4.5)
 
 
 def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
     pipe, plain = shared
-    expected = plain.encode_prompts(PROMPTS)
-    backbone = SanaBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
-    moves, real_to = [], backbone.text_encoders.to
-    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert moves == [str(backbone.device), "cpu"]
-    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
-    backbone.encode_prompts(PROMPTS[:2])  # cached: no move
-    assert len(moves) == 2
+    offloaded = SanaBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
+    checks.check_offloaded_text_encoders(plain, offloaded, PROMPTS, keys=("prompt_embeds", "prompt_attention_mask"))
 
 
 def test_fsdp_shard_units_are_all_sana_blocks(shared):
     pipe, backbone = shared
-    units = shard_units(backbone.denoiser)
-    blocks = list(pipe.transformer.transformer_blocks)
-    assert len(units) == len(blocks) == 2 and all(a is b for a, b in zip(units, blocks))
+    checks.check_shard_units(backbone, list(pipe.transformer.transformer_blocks), 2)
 
 
 def test_unsupported_schedulers_are_refused():
@@ -305,15 +238,4 @@ def test_unsupported_schedulers_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bfloat16_backbone_on_cuda():
     backbone = SanaBackbone.from_pipeline(build_tiny_sana(seed=0), resolution=RES).to("cuda", torch.bfloat16)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert cond["prompt_embeds"].device.type == "cuda"
-    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
-    t = torch.rand(3, device="cuda")
-    v = backbone.velocity(x, t, cond, guidance_scale=4.5)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
-    backbone.velocity(x, t, cond).square().mean().backward()
-    assert all(p.grad is not None for p in trainable_parameters(backbone))
-    images = backbone.decode(x)
-    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)
+    checks.check_bfloat16_on_cuda(backbone, PROMPTS, guidance_scale=4.5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import backbone_checks as checks
 from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.models.lora import (
     SD3_TARGET_MODULES,
@@ -19,6 +20,8 @@ from dgpo_lightning.models.testing import build_tiny_sd3
 
 RES = 32
 PROMPTS = ["a photo of a cat", "a photo of two blue cars", "a photo of a cat"]
+_inputs = checks.inputs
+_randomise_lora_b = checks.randomise_lora_b
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +35,12 @@ def _fresh(seed=0):
     return SD3Backbone.from_pipeline(build_tiny_sd3(seed=seed), resolution=RES)
 
 
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *backbone.latent_shape(), generator=g)
-    t = torch.rand(batch, generator=g)
-    return x, t
-
-
-def _randomise_lora_b(denoiser, seed=3):
-    # B starts at zero (adapted model == base); give it values so the adapter changes outputs.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+def _transformer(pipe, x, t, cond):
+    """SD3's transformer called by hand as StableDiffusion3Pipeline calls it (timestep 1000 t)."""
+    return pipe.transformer(
+        hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+        pooled_projections=cond["pooled_prompt_embeds"],
+    ).sample
 
 
 def test_backbone_protocol_and_latent_shape(shared):
@@ -81,24 +76,13 @@ def test_encode_prompts_matches_pipeline_and_uses_cache(shared, monkeypatch):
     small.encode_prompts(["a", "b"])
     assert list(small._cache) == ["b"]  # least recently used dropped
 
-    # Prompts first seen inside inference_mode (validation rollouts) are cached as normal tensors.
-    with torch.inference_mode():
-        backbone.encode_prompts(["three purple birds"])
-    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+    checks.check_inference_mode_prompts_cached_as_normal_tensors(backbone)
 
 
 def test_offloaded_text_encoders_visit_the_device_only_to_encode(shared):
     pipe, plain = shared
-    expected = plain.encode_prompts(PROMPTS)
     backbone = SD3Backbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
-    moves, real_to = [], backbone.text_encoders.to
-    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert moves == [str(backbone.device), "cpu"]
-    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
-    torch.testing.assert_close(cond["pooled_prompt_embeds"], expected["pooled_prompt_embeds"])
-    backbone.encode_prompts(PROMPTS[:2])  # cached: the encoders stay where they are
-    assert len(moves) == 2
+    moves = checks.check_offloaded_text_encoders(plain, backbone, PROMPTS, keys=("prompt_embeds", "pooled_prompt_embeds"))
     backbone.offload_idle()
     assert moves[-1] == "cpu" and {p.device.type for p in backbone.text_encoders.parameters()} == {"cpu"}
 
@@ -108,12 +92,7 @@ def test_velocity_is_sd3_transformer_at_1000t(shared):
     cond = backbone.encode_prompts(PROMPTS)
     x, t = _inputs(backbone)
     with torch.no_grad():
-        expected = pipe.transformer(
-            hidden_states=x,
-            timestep=1000 * t,
-            encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"],
-        ).sample
+        expected = _transformer(pipe, x, t, cond)
         v = backbone.velocity(x, t, cond)
     assert v.shape == x.shape
     torch.testing.assert_close(v, expected)
@@ -218,21 +197,7 @@ def test_from_pretrained_round_trip_and_missing_path(shared, tmp_path):
 
 def test_bfloat16_weights_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
-    pipe.save_pretrained(tmp_path / "sd3")
-    half = SD3Backbone.from_pretrained(tmp_path / "sd3", torch_dtype="bfloat16", resolution=RES)
-    assert half.denoiser.dtype == torch.bfloat16
-    add_lora(half.denoiser, rank=4)
-    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
-    x, t = _inputs(backbone)
-    cond = half.encode_prompts(PROMPTS)
-    v = half.velocity(x, t, cond)
-    with torch.no_grad():
-        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS))
-    assert v.dtype == torch.float32
-    assert (v - v32).abs().max() < 0.1 * v32.abs().max()  # bf16 rounding only
-    v.square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
-    assert half.decode(x[:1]).dtype == torch.float32
+    checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, SD3Backbone.from_pretrained, tmp_path / "sd3", PROMPTS)
 
 
 def test_pipeline_property_follows_swapped_denoiser():
@@ -305,38 +270,11 @@ def test_lora_targets_are_configurable_and_missing_ones_skipped():
 
 
 def test_lora_save_load_into_fresh_pipeline_gives_identical_outputs(tmp_path):
-    backbone = _fresh(seed=0)
-    add_lora(backbone.denoiser, rank=4)  # alpha 8: scaling 2, so a lost alpha would show
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-    save_lora(backbone, tmp_path / "adapter")
-
-    pipe = build_tiny_sd3(seed=0)
-    with torch.no_grad():
-        untouched = pipe.transformer(
-            hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"],
-        ).sample
-        pipe.load_lora_weights(tmp_path / "adapter")
-        loaded = pipe.transformer(
-            hidden_states=x, timestep=1000 * t, encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"],
-        ).sample
-    assert not torch.allclose(untouched, expected, atol=1e-3)
-    torch.testing.assert_close(loaded, expected)
-    with torch.no_grad():  # and the plain pipeline still generates with it
-        images = pipe(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, output_type="pt").images
-    assert images.shape == (1, 3, RES, RES)
-
-    # Our own loader reads the same directory into a fresh backbone, adapter trainable (resume).
-    fresh = _fresh(seed=0)
-    load_lora(fresh, tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.velocity(x, t, cond), expected)
-    assert trainable_parameters(fresh) and all("lora_" in n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert SD3Backbone.lora_targets == SD3_TARGET_MODULES  # add_lora's default: what the Lightning module passes
+    checks.check_lora_round_trip(
+        lambda: build_tiny_sd3(seed=0), lambda pipe: SD3Backbone.from_pipeline(pipe, resolution=RES),
+        _transformer, PROMPTS, tmp_path / "adapter", images={},
+    )
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         load_lora(_fresh(), tmp_path)
 
@@ -396,17 +334,4 @@ def test_generic_lora_save_load_in_peft_format(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bfloat16_backbone_on_cuda():
     backbone = SD3Backbone.from_pipeline(build_tiny_sd3(seed=0), resolution=RES).to("cuda", torch.bfloat16)
-    add_lora(backbone.denoiser, rank=4)
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert cond["prompt_embeds"].device.type == "cuda"
-    x = torch.randn(3, *backbone.latent_shape(), device="cuda")
-    t = torch.rand(3, device="cuda")
-    v = backbone.velocity(x, t, cond, guidance_scale=4.5)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
-    backbone.velocity(x, t, cond).square().mean().backward()
-    assert all(p.grad is not None for p in trainable_parameters(backbone))
-    with torch.no_grad(), reference_mode(backbone.denoiser):
-        assert torch.isfinite(backbone.velocity(x, t, cond)).all()
-    images = backbone.decode(x)
-    assert images.device.type == "cuda" and images.shape == (3, 3, RES, RES)
+    checks.check_bfloat16_on_cuda(backbone, PROMPTS, guidance_scale=4.5)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgpo_lightning.models.lora import add_lora, save_lora
+import backbone_checks as checks
 from dgpo_lightning.models.sd3 import SD3Backbone
 from dgpo_lightning.models.sharding import shard_units
 from dgpo_lightning.models.testing import build_tiny_sd3
@@ -18,6 +18,7 @@ from dgpo_lightning.models.testing.sd3_variants import SD35_LARGE_POS_EMBED_RATI
 
 RES = 32
 PROMPTS = ["a photo of a cat", "a photo of two blue cars", "a photo of a cat"]
+_inputs = checks.inputs
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sd3_gpu.py"
 
 
@@ -33,11 +34,6 @@ def bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
 
 
 def _transformer(pipe, x, t, cond):
@@ -103,26 +99,11 @@ def test_two_step_euler_rollout_with_cfg_equals_the_pipeline(shared):
 
 
 def test_lora_save_then_fresh_pipeline_load_gives_identical_outputs(tmp_path):
-    backbone = SD3Backbone.from_pipeline(build_tiny_sd35_large(seed=0), resolution=RES)
-    add_lora(backbone.denoiser, rank=4)  # alpha 8: scaling 2, a lost alpha would show
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in backbone.denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-    save_lora(backbone, tmp_path / "adapter")
-
-    pipe = build_tiny_sd35_large(seed=0)
-    with torch.no_grad():
-        untouched = _transformer(pipe, x, t, cond)
-        pipe.load_lora_weights(tmp_path / "adapter")
-        loaded = _transformer(pipe, x, t, cond)
-    assert not torch.allclose(untouched, expected, atol=1e-3)  # the adapter matters
-    torch.testing.assert_close(loaded, expected)
+    # diffusers' loader into a fresh pipeline (the backbone's own loaders: test_models_sd3, same code)
+    checks.check_lora_round_trip(
+        lambda: build_tiny_sd35_large(seed=0), lambda pipe: SD3Backbone.from_pipeline(pipe, resolution=RES),
+        _transformer, PROMPTS, tmp_path / "adapter", via_load_adapter=False, via_load_lora=False,
+    )
 
 
 # ----------------------------------------------------------------- published configs on the meta device

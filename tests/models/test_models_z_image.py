@@ -8,15 +8,16 @@ import math
 import pytest
 import torch
 
+import backbone_checks as checks
 from dgpo_lightning.models.backbone import Backbone
-from dgpo_lightning.models.lora import add_lora, load_adapter, load_lora, reference_mode, save_lora, trainable_parameters
-from dgpo_lightning.models.sharding import shard_units
+from dgpo_lightning.models.lora import add_lora, trainable_parameters
 from dgpo_lightning.models.testing.z_image import build_tiny_z_image
 from dgpo_lightning.models.z_image import Z_IMAGE_TARGET_MODULES, ZImageBackbone
 from dgpo_lightning.sampling import flow_sigmas, ode_euler
 
 RES = 32
 PROMPTS = ["a photo of a cat", "a green bench to the left of a yellow umbrella", "a photo of a cat"]
+_inputs = checks.inputs
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +28,6 @@ def shared():
 
 def _fresh(seed=0, **kwargs):
     return ZImageBackbone.from_pipeline(build_tiny_z_image(seed=seed), resolution=RES, **kwargs)
-
-
-def _inputs(backbone, batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *backbone.latent_shape(), generator=g), torch.rand(batch, generator=g)
-
-
-def _randomise_lora_b(denoiser, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=g))
 
 
 def _direct(transformer, x, t, captions):
@@ -97,9 +85,7 @@ def test_encode_prompts_matches_pipeline_pads_and_caches(shared, monkeypatch):
     again = backbone.encode_prompts([PROMPTS[1], "a red apple"])
     assert calls == [["a red apple"]] and backbone.cache_hits == 1
     torch.testing.assert_close(again["prompt_embeds"][0, : lengths[1]], reference[1])
-    with torch.inference_mode():
-        backbone.encode_prompts(["three purple birds"])
-    assert not backbone._cache["three purple birds"]["prompt_embeds"].is_inference()
+    checks.check_inference_mode_prompts_cached_as_normal_tensors(backbone)
 
 
 def test_velocity_is_negated_transformer_at_one_minus_t_and_batch_independent(shared):
@@ -231,31 +217,14 @@ def test_from_pretrained_round_trip_factory_and_missing_path(shared, tmp_path):
 
 def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
     pipe, plain = shared
-    expected = plain.encode_prompts(PROMPTS)
-    backbone = ZImageBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
-    moves, real_to = [], backbone.text_encoders.to
-    backbone.text_encoders.to = lambda device: moves.append(str(device)) or real_to(device)
-    cond = backbone.encode_prompts(PROMPTS)
-    assert moves == [str(backbone.device), "cpu"]
-    torch.testing.assert_close(cond["prompt_embeds"], expected["prompt_embeds"])
-    backbone.encode_prompts(PROMPTS[:2])
-    assert len(moves) == 2
+    offloaded = ZImageBackbone.from_pipeline(pipe, resolution=RES, offload_text_encoders=True)
+    checks.check_offloaded_text_encoders(plain, offloaded, PROMPTS, keys=("prompt_embeds", "prompt_mask"))
 
 
 def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
-    pipe.save_pretrained(tmp_path / "z")
-    half = ZImageBackbone.from_pretrained(tmp_path / "z", torch_dtype="bfloat16", resolution=RES)
-    assert half.denoiser.dtype == torch.bfloat16
-    add_lora(half.denoiser, rank=4, target_modules=half.lora_targets)
-    assert all(p.dtype == torch.float32 for p in trainable_parameters(half))
-    x, t = _inputs(backbone)
-    v = half.velocity(x, t, half.encode_prompts(PROMPTS), guidance_scale=2.0)
-    with torch.no_grad():
-        v32 = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS), guidance_scale=2.0)
-    assert v.dtype == torch.float32 and (v - v32).abs().max() < 0.1 * v32.abs().max()
-    v.square().mean().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(half))
+    checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, ZImageBackbone.from_pretrained, tmp_path / "z", PROMPTS,
+                                          guidance_scale=2.0)
 
 
 def test_lora_targets_cover_every_attention_and_shard_units_every_block():
@@ -272,61 +241,24 @@ def test_lora_targets_cover_every_attention_and_shard_units_every_block():
         for proj in ("to_q", "to_k", "to_v", "to_out.0")
     }
     assert adapted == expected
-    units = shard_units(denoiser)
-    assert len(units) == len(blocks) and all(a is b for a, b in zip(units, blocks))
+    checks.check_shard_units(backbone, blocks, 4)
+
+
+def _pipeline_forward(pipe, x, t, cond):
+    """The pipeline's transformer on its own caption encoding of ``PROMPTS`` (``cond`` is the backbone's)."""
+    captions, _ = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=False)
+    return _direct(pipe.transformer, x, t, captions)
 
 
 def test_lora_save_load_into_fresh_pipeline_and_load_adapter(tmp_path):
-    backbone = _fresh(seed=0)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)  # alpha 8: scaling 2
-    _randomise_lora_b(backbone.denoiser)
-    cond = backbone.encode_prompts(PROMPTS)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        expected = backbone.velocity(x, t, cond)
-        with reference_mode(backbone.denoiser):
-            base = backbone.velocity(x, t, cond)
-    assert not torch.allclose(base, expected, atol=1e-3)
-    save_lora(backbone, tmp_path / "adapter")
-
-    pipe = build_tiny_z_image(seed=0)
-    captions, _ = pipe.encode_prompt(prompt=list(PROMPTS), do_classifier_free_guidance=False)
-    with torch.no_grad():
-        torch.testing.assert_close(_direct(pipe.transformer, x, t, captions), base)
-        pipe.load_lora_weights(tmp_path / "adapter")
-        torch.testing.assert_close(_direct(pipe.transformer, x, t, captions), expected)
-        images = pipe(PROMPTS[:1], height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0, output_type="pt").images
-    assert images.shape == (1, 3, RES, RES)
-
-    applied = _fresh(seed=0)
-    load_adapter(applied, tmp_path / "adapter")
-    resumed = _fresh(seed=0)
-    load_lora(resumed, tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(applied.velocity(x, t, cond), expected)
-        torch.testing.assert_close(resumed.velocity(x, t, cond), expected)
-    assert trainable_parameters(resumed)
+    checks.check_lora_round_trip(
+        lambda: build_tiny_z_image(seed=0), lambda pipe: ZImageBackbone.from_pipeline(pipe, resolution=RES),
+        _pipeline_forward, PROMPTS, tmp_path / "adapter", images={"guidance_scale": 0.0},
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
-    results = []
-    for checkpointing in (False, True):
-        backbone = _fresh(seed=0)
-        add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-        _randomise_lora_b(backbone.denoiser)
-        if checkpointing:
-            backbone.denoiser.enable_gradient_checkpointing()
-        backbone.train()
-        x, t = _inputs(backbone)
-        loss = backbone.velocity(x, t, backbone.encode_prompts(PROMPTS)).square().mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in backbone.denoiser.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0)
-    assert g0.keys() == g1.keys() and g0
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+    checks.check_gradient_checkpointing(_fresh(seed=0), PROMPTS)
 
 
 @pytest.mark.gpu
@@ -343,8 +275,7 @@ def test_bfloat16_backbone_on_cuda_matches_the_pipeline():
         ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.0), x,
                          flow_sigmas(2, shift=backbone.shift, device="cuda")).sample
     torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
-    add_lora(backbone.denoiser, rank=4, target_modules=backbone.lora_targets)
-    _randomise_lora_b(backbone.denoiser)
+    checks.add_test_lora(backbone)
     t = torch.rand(2, device="cuda")
     v = backbone.velocity(x, t, cond)
     assert v.dtype == torch.float32 and torch.isfinite(v).all()

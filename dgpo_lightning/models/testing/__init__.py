@@ -51,14 +51,12 @@ def _words(corpus: Sequence[str]) -> list[str]:
     return [w for line in corpus for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", line.lower())]
 
 
-def learn_bpe_merges(corpus: Sequence[str], num_merges: int = 64) -> list[tuple[str, str]]:
-    """Greedy byte-pair merges learnt from ``corpus`` with CLIP's ``</w>`` end-of-word marker.
-
-    Each word starts as its characters (the last one carrying ``</w>``); the most frequent adjacent
-    pair is merged ``num_merges`` times (ties broken alphabetically, so the result is deterministic).
-    """
-    counts = collections.Counter(_words(corpus))
-    words = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in counts}
+def greedy_bpe_merges(
+    counts: collections.Counter, words: dict[str, list[str]], num_merges: int
+) -> list[tuple[str, str]]:
+    """Greedy byte-pair merges: ``words`` maps each word (counted ``counts[word]`` times) to its
+    initial symbols; the most frequent adjacent pair is merged ``num_merges`` times (ties broken
+    alphabetically, so the result is deterministic). ``words`` is updated in place."""
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: collections.Counter = collections.Counter()
@@ -80,6 +78,37 @@ def learn_bpe_merges(corpus: Sequence[str], num_merges: int = 64) -> list[tuple[
                     i += 1
             words[word] = merged
     return merges
+
+
+def learn_bpe_merges(corpus: Sequence[str], num_merges: int = 64) -> list[tuple[str, str]]:
+    """Greedy byte-pair merges learnt from ``corpus`` with CLIP's ``</w>`` end-of-word marker: each
+    word starts as its characters, the last one carrying ``</w>`` (:func:`greedy_bpe_merges`)."""
+    counts = collections.Counter(_words(corpus))
+    return greedy_bpe_merges(counts, {w: list(w[:-1]) + [w[-1] + "</w>"] for w in counts}, num_merges)
+
+
+def trained_bpe_vocab_and_merges(backend, trainer, corpus: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train the ``tokenizers`` BPE ``backend`` with ``trainer`` on ``corpus``; its vocabulary and merges
+    (serialised as pairs, or as ``"a b"`` strings by older ``tokenizers``)."""
+    import json
+
+    backend.train_from_iterator(list(corpus), trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def qwen2_tokenizer(vocab: dict[str, int], merges: Sequence[tuple[str, str]], special_tokens: Sequence[str], **kwargs):
+    """A ``Qwen2Tokenizer`` (byte-level BPE with Qwen's pre-tokenizer) over ``vocab`` / ``merges``, with
+    ``special_tokens`` added as special, unnormalised tokens (as Qwen's released tokenizers have them)."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(merges), **kwargs)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in special_tokens]}
+    )
+    return tokenizer
 
 
 def build_clip_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: int = 64, model_max_length: int = 77):
@@ -130,6 +159,61 @@ def tiny_clip_text_config(tokenizer, hidden_size: int = 16, projection_dim: int 
     )
 
 
+def tiny_t5_encoder(tokenizer, width: int):
+    """A tiny random ``T5EncoderModel`` (2 layers, 4 heads of 8, gated GELU) of width ``width``
+    matched to ``tokenizer`` (vocabulary, pad / eos ids); seeded by the caller."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def tiny_autoencoder_kl(latent_channels: int, resolution: int, scaling_factor: float, shift_factor: float):
+    """A tiny random ``AutoencoderKL`` (two stages: downsamples by 2; no quant convs, as SD3 / FLUX)
+    with the given latent channels and VAE scaling / shift; seeded by the caller."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def eval_components(pipe, quiet: bool = False):
+    """Put every network of ``pipe`` in eval mode (``quiet``: and turn its progress bar off); returns ``pipe``."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    if quiet:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_sd3(seed: int = 0):
     """A ``StableDiffusion3Pipeline`` with tiny random components, built offline.
 
@@ -138,8 +222,8 @@ def build_tiny_sd3(seed: int = 0):
     shift 0.0609, flow-matching Euler scheduler with shift 3), widths tiny. The VAE downsamples by
     2, so the default 32 px images have 16x16 latents (64 transformer tokens with patch size 2).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
     sizes = TINY_SD3
     tokenizer = build_clip_tokenizer()
@@ -154,22 +238,7 @@ def build_tiny_sd3(seed: int = 0):
         tiny_clip_text_config(tokenizer, sizes["clip_hidden"], sizes["clip_projection"])
     )
     torch.manual_seed(seed + 2)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=sizes["t5_width"],
-            d_kv=8,
-            d_ff=40,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-    )
+    text_encoder_3 = tiny_t5_encoder(tokenizer_3, sizes["t5_width"])
     torch.manual_seed(seed + 3)
     transformer = SD3Transformer2DModel(
         sample_size=sizes["resolution"] // 2,
@@ -187,21 +256,7 @@ def build_tiny_sd3(seed: int = 0):
         dual_attention_layers=(0,),
     )
     torch.manual_seed(seed + 4)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=sizes["latent_channels"],
-        norm_num_groups=4,
-        sample_size=sizes["resolution"],
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_autoencoder_kl(sizes["latent_channels"], sizes["resolution"], scaling_factor=1.5305, shift_factor=0.0609)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -213,9 +268,7 @@ def build_tiny_sd3(seed: int = 0):
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
-        module.eval()
-    return pipe
+    return eval_components(pipe)
 
 
 def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, projection_dim: int = 16) -> Path:

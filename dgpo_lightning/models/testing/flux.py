@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from dgpo_lightning.models.testing import build_clip_tokenizer, build_t5_tokenizer, tiny_clip_text_config
+from dgpo_lightning.models.testing import (
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    eval_components,
+    tiny_autoencoder_kl,
+    tiny_clip_text_config,
+    tiny_t5_encoder,
+)
 
 #: Widths of the tiny FLUX.1. ``attention_head_dim`` equals ``sum(axes_dims_rope)`` as FLUX requires
 #: (128 = 16 + 56 + 56 in the real model).
@@ -50,8 +57,8 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
             value is an input embedding) with dev's dynamically shifted scheduler; ``False`` a
             FLUX.1-schnell-like one (no guidance embedding, scheduler shift 1, no dynamic shifting).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     sizes = TINY_FLUX
     tokenizer = build_clip_tokenizer()
@@ -60,22 +67,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, sizes["clip_hidden"], sizes["clip_hidden"]))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=sizes["t5_width"],
-            d_kv=8,
-            d_ff=40,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    )
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, sizes["t5_width"])
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -90,21 +82,8 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
         axes_dims_rope=sizes["axes_dims_rope"],
     )
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=sizes["latent_channels"],
-        norm_num_groups=4,
-        sample_size=sizes["resolution"],
-        scaling_factor=0.3611,  # FLUX.1's vae/config.json
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    # FLUX.1's vae/config.json scaling and shift
+    vae = tiny_autoencoder_kl(sizes["latent_channels"], sizes["resolution"], scaling_factor=0.3611, shift_factor=0.1159)
     scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
     pipe = FluxPipeline(
         scheduler=scheduler,
@@ -115,9 +94,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval()
-    return pipe
+    return eval_components(pipe)
 
 
 __all__ = ["FLUX_DEV_SCHEDULER", "FLUX_SCHNELL_SCHEDULER", "TINY_FLUX", "build_tiny_flux"]

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from dgpo_lightning.models.testing import DEFAULT_CORPUS
+from dgpo_lightning.models.testing import DEFAULT_CORPUS, eval_components, greedy_bpe_merges, qwen2_tokenizer
 
 #: Qwen-Image's scheduler config (``Qwen/Qwen-Image`` ``scheduler/scheduler_config.json``; the same
 #: values are reproduced by several public trainers, e.g. ostris/ai-toolkit and SimpleTuner).
@@ -74,28 +74,7 @@ def learn_byte_level_merges(words: Sequence[str], num_merges: int) -> list[tuple
     """Greedy BPE merges over byte-level pre-tokenized ``words`` (GPT-2/Qwen style, no end-of-word
     marker); ties broken alphabetically so the result is deterministic."""
     counts = collections.Counter(words)
-    symbols = {w: list(w) for w in counts}
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: collections.Counter = collections.Counter()
-        for word, parts in symbols.items():
-            for a, b in zip(parts, parts[1:]):
-                pairs[(a, b)] += counts[word]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for word, parts in symbols.items():
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            symbols[word] = merged
-    return merges
+    return greedy_bpe_merges(counts, {w: list(w) for w in counts}, num_merges)
 
 
 def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: int = 400):
@@ -106,7 +85,7 @@ def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: in
     vocabulary, so the template's system prefix is exactly the 34 tokens that
     ``QwenImagePipeline.prompt_template_encode_start_idx`` drops. Any text still tokenizes (bytes).
     """
-    from tokenizers import AddedToken, pre_tokenizers
+    from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
     probe = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
@@ -116,11 +95,7 @@ def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, num_merges: in
     merges = learn_byte_level_merges(words, num_merges)
     tokens = ["<|endoftext|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), *(a + b for a, b in merges)]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(merges), model_max_length=32768)
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]}
-    )
-    return tokenizer
+    return qwen2_tokenizer(vocab, merges, QWEN_SPECIAL_TOKENS, model_max_length=32768)
 
 
 def build_tiny_qwen2_5_vl(tokenizer, hidden_size: int = 16, seed: int = 0):
@@ -205,10 +180,7 @@ def build_tiny_qwen_image(seed: int = 0):
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return eval_components(pipe, quiet=True)
 
 
 __all__ = [

@@ -3,12 +3,11 @@ DiT, DC-AE, flow DPM-Solver scheduler, all with tiny widths and random weights (
 
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import torch
 
-from dgpo_lightning.models.testing import DEFAULT_CORPUS
+from dgpo_lightning.models.testing import DEFAULT_CORPUS, eval_components, trained_bpe_vocab_and_merges
 
 #: SANA's DC-AE (``mit-han-lab/dc-ae-f32c32-sana-1.0``) latent scaling factor, as in its config.
 SANA_VAE_SCALING_FACTOR = 0.41407
@@ -55,13 +54,8 @@ def build_gemma_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int =
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator(list(corpus), trainer=trainer)
-    vocab = backend.get_vocab()
-    # tokenizers serialises merges as pairs (or "a b" strings in older versions)
-    saved = json.loads(backend.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved]
-    tokenizer = GemmaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-    return tokenizer
+    vocab, merges = trained_bpe_vocab_and_merges(backend, trainer, corpus)
+    return GemmaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
 
 
 def build_tiny_sana(seed: int = 0, scheduler: str = "dpm"):
@@ -151,9 +145,7 @@ def build_tiny_sana(seed: int = 0, scheduler: str = "dpm"):
     pipe = SanaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=noise_scheduler
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    return pipe
+    return eval_components(pipe)
 
 
 __all__ = ["SANA_VAE_SCALING_FACTOR", "TINY_SANA", "build_gemma_tokenizer", "build_tiny_sana"]

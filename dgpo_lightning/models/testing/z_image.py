@@ -15,7 +15,13 @@ from typing import Sequence
 
 import torch
 
-from dgpo_lightning.models.testing import DEFAULT_CORPUS
+from dgpo_lightning.models.testing import (
+    DEFAULT_CORPUS,
+    eval_components,
+    qwen2_tokenizer,
+    tiny_autoencoder_kl,
+    trained_bpe_vocab_and_merges,
+)
 
 #: Widths of the tiny Z-Image.
 TINY_Z_IMAGE = {
@@ -49,7 +55,6 @@ def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, vocab_size: in
     eos, ``<|im_start|>``, ``<|im_end|>``) and :data:`QWEN3_CHAT_TEMPLATE`. Every byte is in the
     vocabulary, so any text tokenizes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -60,15 +65,8 @@ def build_qwen2_tokenizer(corpus: Sequence[str] = DEFAULT_CORPUS, vocab_size: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(list(corpus) + [line.lower() for line in corpus], trainer=trainer)
-    state = bpe.model.__getstate__()
-    import json
-
-    model = json.loads(state) if isinstance(state, (str, bytes)) else state
-    vocab = dict(model["vocab"])
-    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in model["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    vocab, merges = trained_bpe_vocab_and_merges(bpe, trainer, list(corpus) + [line.lower() for line in corpus])
+    tokenizer = qwen2_tokenizer(vocab, merges, ["<|im_start|>", "<|im_end|>"])
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     tokenizer.padding_side = "right"
     return tokenizer
@@ -79,7 +77,7 @@ def build_tiny_z_image(seed: int = 0, scheduler_config: dict | None = None):
 
     ``scheduler_config`` overrides Z-Image-Turbo's scheduler settings (e.g.
     ``{"use_dynamic_shifting": True}`` for a resolution-dependent shift)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     sizes = TINY_Z_IMAGE
@@ -121,21 +119,7 @@ def build_tiny_z_image(seed: int = 0, scheduler_config: dict | None = None):
         # The final layer's adaLN and linear are random here (zero-initialised in training code),
         # so the velocity depends on the inputs.
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=sizes["latent_channels"],
-        norm_num_groups=4,
-        sample_size=sizes["resolution"],
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_autoencoder_kl(sizes["latent_channels"], sizes["resolution"], scaling_factor=0.3611, shift_factor=0.1159)
     # Z-Image-Turbo's published scheduler/scheduler_config.json.
     config = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
     config.update(scheduler_config or {})
@@ -146,10 +130,7 @@ def build_tiny_z_image(seed: int = 0, scheduler_config: dict | None = None):
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return eval_components(pipe, quiet=True)
 
 
 __all__ = ["QWEN3_CHAT_TEMPLATE", "TINY_Z_IMAGE", "build_qwen2_tokenizer", "build_tiny_z_image"]
