@@ -17,9 +17,10 @@ def test_notebooks_exist():
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("DGPO_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("DGPO_RUN_DIR", str(tmp_path / "run"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend: figures become PNG outputs
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any(o.get("output_type") == "display_data" for o in outputs)  # the figures were drawn
+    figures = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert figures  # the figures were drawn
