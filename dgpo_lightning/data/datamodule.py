@@ -17,6 +17,10 @@ from dgpo_lightning.data.prompts import draw_prompts
 from dgpo_lightning.data.validation import check_reward_weights, validate_prompt_file, world_vocabulary
 from dgpo_lightning.errors import ConfigError
 from dgpo_lightning.data.rollout import Rollout, generate_groups
+
+#: Phases of a rollout's wall-clock (``rollout`` is the whole; scoring overlaps sampling, and
+#: ``reward_wait`` is the part of it that sampling stood still waiting).
+ROLLOUT_PHASES: tuple[str, ...] = ("rollout", "sampling", "scoring", "reward_wait")
 from dgpo_lightning.rewards.base import available as available_rewards
 from dgpo_lightning.rewards.base import build_weighted, reward_kind
 from dgpo_lightning.sampling.seeds import resample_seed, rollout_seed
@@ -165,6 +169,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.last_rollout: Rollout | None = None
         self.rollouts_done = 0
         self.last_resamples = 0
+        #: Cumulative rollout time on this rank, by phase (every rollout, resampled ones included).
+        self.rollout_seconds = dict.fromkeys(ROLLOUT_PHASES, 0.0)
 
     @property
     def reward(self):
@@ -210,11 +216,12 @@ class RolloutDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Counters that continue across a resume (checkpointed by Lightning)."""
-        return {"images_generated": self.images_generated, "rollouts_done": self.rollouts_done}
+        return {"images_generated": self.images_generated, "rollouts_done": self.rollouts_done, "rollout_seconds": dict(self.rollout_seconds)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.images_generated = int(state_dict.get("images_generated", 0))
         self.rollouts_done = int(state_dict.get("rollouts_done", 0))
+        self.rollout_seconds.update({k: float(v) for k, v in (state_dict.get("rollout_seconds") or {}).items()})
 
     def rollout_seed(self, epoch: int, attempt: int = 0) -> int:
         """Seed of epoch ``epoch``'s rollout (``attempt`` > 0: its resampled retries)."""
@@ -268,6 +275,8 @@ class RolloutDataModule(L.LightningDataModule):
                 )
                 self.rollouts_done += 1
                 self.images_generated += hp.prompts_per_rank * hp.group_size * world_size
+                for phase, seconds in zip(ROLLOUT_PHASES, (rollout.seconds, rollout.sampling_seconds, rollout.scoring_seconds, rollout.reward_wait_seconds)):
+                    self.rollout_seconds[phase] += float(seconds)
                 groups = rollout.informative_groups() if hp.skip_zero_std_groups else None
                 batches = rollout.batches(hp.groups_per_batch, groups=groups, seed=self.rollout_seed(epoch, attempt) + rank)
                 # Every rank decides together (the minimum over ranks), so all resample alike.
