@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dgpo_lightning.objectives import GroupBatch
 
     torch.manual_seed(args.seed)
+    load_start = os.getloadavg()[0]
     rss_start = max_rss_gib()
     overrides = {"num_layers": args.num_layers} if args.num_layers else None
     build_peak, build_seconds, backbone = phase_peak(
@@ -191,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # is the largest of the phase peaks and the last ru_maxrss.
             "process": max([max_rss_gib(), rss_start] + [p for p in (build_peak, rollout_peak, train_peak) if p is not None]),
         },
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "rollout_velocity_finite": bool(torch.isfinite(v).all()),
         "loss": float(loss),
         "loss_finite": bool(torch.isfinite(loss)),
@@ -231,10 +233,12 @@ def markdown(r: dict[str, Any], command: str) -> str:
         f"| build (random init in bf16) | {s['build']:.1f} s, peak RSS {gib(m['build'])} |",
         f"| rollout step (one CFG forward) | {s['rollout_step']:.1f} s, peak RSS {gib(m['rollout_step'])} |",
         f"| DGPO LoRA training step | {s['train_step']:.1f} s, peak RSS {gib(m['train_step'])} |",
-        f"| process peak RSS (ru_maxrss) | {gib(m['process'])} |",
+        f"| run peak RSS (largest phase peak, ru_maxrss) | {gib(m['process'])} |",
         f"| loss / LoRA grads finite | {r['loss']:.4g} ({r['loss_finite']}) / {r['lora_grads_finite']} |",
         "",
-        "Seconds measure this CPU's bf16 matrix products, not a GPU's; see bench_sd3_gpu.py for those.",
+        f"Seconds measure this CPU's bf16 matrix products, not a GPU's (see bench_sd3_gpu.py for those), on a "
+        f"machine shared with other jobs: 1-minute load average {r['load_average_1min']['start']:.1f} at the start, "
+        f"{r['load_average_1min']['end']:.1f} at the end, for {torch.get_num_threads()} threads.",
         "",
     ])
 
