@@ -181,6 +181,76 @@ def check_offloaded_text_encoders(plain, offloaded, prompts: Sequence[str], keys
     return moves
 
 
+def check_from_pretrained_loads_the_saved_pipeline(
+    backbone, loaded, prompts: Sequence[str], guidance_scale: float | None = None, expected: Forward | None = None,
+) -> None:
+    """``loaded`` (``from_pretrained`` of ``backbone``'s pipeline saved to disk) encodes the prompts as
+    ``backbone`` and gives its velocity (or ``expected(x, t, cond)``, e.g. the transformer by hand with
+    another option) on the same inputs."""
+    x, t = inputs(backbone)
+    with torch.no_grad():
+        cond = backbone.encode_prompts(list(prompts))
+        torch.testing.assert_close(loaded.encode_prompts(list(prompts))["prompt_embeds"], cond["prompt_embeds"])
+        want = backbone.velocity(x, t, cond, **_guided(guidance_scale)) if expected is None else expected(x, t, cond)
+        torch.testing.assert_close(loaded.velocity(x, t, cond, **_guided(guidance_scale)), want)
+
+
+def check_factory_loader(name: str, path: Path, backbone_cls, **options):
+    """``models.factory.load_backbone(name, path, **options)`` (the YAML's ``model.backbone`` /
+    ``model.backbone_options``) builds a ``backbone_cls`` with the options applied (returned for
+    model-specific checks); without a path it is a user error naming ``model.model_path``."""
+    from dgpo_lightning.models.factory import load_backbone
+
+    via = load_backbone(name, str(path), **options)
+    assert isinstance(via, backbone_cls)
+    if options.get("offload_text_encoders"):
+        assert via.offload_text_encoders
+    with pytest.raises(ValueError, match=f"{name} needs model.model_path"):
+        load_backbone(name, None)
+    return via
+
+
+def check_autoencoder_kl_decode_encode(pipe, backbone, seed: int = 7) -> None:
+    """Decode / encode through an ``AutoencoderKL`` with the VAE's scaling and shift (SD3, FLUX.1,
+    Z-Image): ``decode(z)`` is ``vae.decode(z / scaling + shift)`` mapped to [0, 1] as the pipeline's
+    own ``output_type="pt"`` postprocessing does; ``encode`` is the posterior mean, shifted and scaled."""
+    vae = pipe.vae
+    scaling, shift = vae.config.scaling_factor, vae.config.shift_factor
+    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        images = backbone.decode(z)
+        decoded = vae.decode(z / scaling + shift).sample
+        torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1))
+        torch.testing.assert_close(images, pipe.image_processor.postprocess(decoded, output_type="pt"))
+        latents = backbone.encode(images)
+        mean = vae.encode(2 * images - 1).latent_dist.mean
+    res = backbone.resolution
+    assert images.shape == (2, 3, res, res) and latents.shape == z.shape
+    torch.testing.assert_close(latents, (mean - shift) * scaling)
+
+
+def check_sd3_euler_rollout_matches_pipeline(pipe, backbone, prompts: Sequence[str], guidance_scale: float = 4.5,
+                                             steps: int = 2) -> dict:
+    """An SD3-family ``StableDiffusion3Pipeline`` rollout with CFG from given latents equals the
+    package's ``ode_euler`` on the backbone's guided velocity over the pipeline's own (shifted)
+    schedule. Returns the latents, conditioning and both results."""
+    from dgpo_lightning.sampling import ode_euler
+
+    res = backbone.resolution
+    x = torch.randn(len(prompts), *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = pipe(list(prompts), height=res, width=res, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         latents=x.clone(), output_type="latent").images
+        pipe.scheduler.set_timesteps(steps)
+        sigmas = pipe.scheduler.sigmas.float()
+        cond = backbone.encode_prompts(list(prompts))
+        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale), x, sigmas).sample
+    assert len(sigmas) == steps + 1 and sigmas[0] == pytest.approx(1.0) and sigmas[-1] == 0.0
+    assert not torch.allclose(reference, x, atol=1e-2)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    return {"x": x, "cond": cond, "ours": ours, "reference": reference}
+
+
 def check_inference_mode_prompts_cached_as_normal_tensors(backbone, prompt: str = "three purple birds") -> None:
     """A prompt first seen inside ``torch.inference_mode`` (validation rollouts) is cached as a normal
     tensor, so that training steps can use it later."""

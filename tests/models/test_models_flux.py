@@ -213,17 +213,8 @@ def test_true_cfg_rollout_matches_flux_pipeline_true_cfg_scale(dev):
 
 def test_decode_encode_use_flux_vae_scaling_and_shift(dev):
     pipe, backbone = dev
-    vae = pipe.vae
-    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
-    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        images = backbone.decode(z)
-        manual = vae.decode(z / 0.3611 + 0.1159).sample
-        latents = backbone.encode(images)
-        mean = vae.encode(2 * images - 1).latent_dist.mean
-    torch.testing.assert_close(images, (manual / 2 + 0.5).clamp(0, 1))
-    assert images.shape == (2, 3, RES, RES)
-    torch.testing.assert_close(latents, (mean - 0.1159) * 0.3611)
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    checks.check_autoencoder_kl_decode_encode(pipe, backbone)
 
 
 def test_from_pretrained_round_trip_factory_and_missing_path(dev, tmp_path):
@@ -231,19 +222,12 @@ def test_from_pretrained_round_trip_factory_and_missing_path(dev, tmp_path):
     pipe.save_pretrained(tmp_path / "flux")
     loaded = FluxBackbone.from_pretrained(tmp_path / "flux", torch_dtype="float32", resolution=RES, guidance=2.0)
     assert loaded.guidance == 2.0 and loaded.shift == pytest.approx(backbone.shift)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS)
-        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
-        torch.testing.assert_close(loaded.velocity(x, t, cond), _transformer(pipe, x, t, cond, guidance=2.0))
-    from dgpo_lightning.models.factory import load_backbone
-
-    via_config = load_backbone("flux", str(tmp_path / "flux"), resolution=RES, offload_text_encoders=True,
-                               max_sequence_length=128)
-    assert isinstance(via_config, FluxBackbone) and via_config.offload_text_encoders
-    assert via_config.max_sequence_length == 128
-    with pytest.raises(ValueError, match="needs model.model_path"):
-        load_backbone("flux", None)
+    checks.check_from_pretrained_loads_the_saved_pipeline(
+        backbone, loaded, PROMPTS, expected=lambda x, t, cond: _transformer(pipe, x, t, cond, guidance=2.0)
+    )
+    via = checks.check_factory_loader("flux", tmp_path / "flux", FluxBackbone, resolution=RES, offload_text_encoders=True,
+                                      max_sequence_length=128)
+    assert via.max_sequence_length == 128
     with pytest.raises(FileNotFoundError, match="nowhere"):
         FluxBackbone.from_pretrained(tmp_path / "nowhere" / "FLUX.1-dev")
 

@@ -259,17 +259,10 @@ def test_from_pretrained_round_trip_loader_and_missing_path(shared, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = QwenImageBackbone.from_pretrained(tmp_path / "qwen", torch_dtype="float32", resolution=RES, device="cpu")
-        from dgpo_lightning.models.factory import load_backbone
-
-        via_config = load_backbone("qwen_image", str(tmp_path / "qwen"), resolution=RES, max_sequence_length=64, offload_text_encoders=True)
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS)
-        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
-        torch.testing.assert_close(loaded.velocity(x, t, cond, guidance_scale=4.0), backbone.velocity(x, t, cond, guidance_scale=4.0))
-    assert isinstance(via_config, QwenImageBackbone) and via_config.max_sequence_length == 64 and via_config.offload_text_encoders
-    with pytest.raises(ValueError, match="qwen_image needs model.model_path"):
-        load_backbone("qwen_image", None)
+        via = checks.check_factory_loader("qwen_image", tmp_path / "qwen", QwenImageBackbone, resolution=RES,
+                                          max_sequence_length=64, offload_text_encoders=True)
+    checks.check_from_pretrained_loads_the_saved_pipeline(backbone, loaded, PROMPTS, guidance_scale=4.0)
+    assert via.max_sequence_length == 64
     with pytest.raises(FileNotFoundError, match="nowhere"):
         QwenImageBackbone.from_pretrained(tmp_path / "nowhere" / "Qwen-Image")
 
@@ -277,7 +270,7 @@ def test_from_pretrained_round_trip_loader_and_missing_path(shared, tmp_path):
 def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
     pipe, plain = shared
     checks.check_offloaded_text_encoders(plain, _backbone(pipe, offload_text_encoders=True), PROMPTS,
-                                  keys=("prompt_embeds", "prompt_embeds_mask"))
+                                         keys=("prompt_embeds", "prompt_embeds_mask"))
 
 
 def _from_pretrained(path, **kwargs):

@@ -171,18 +171,10 @@ def test_from_pretrained_round_trip_and_loader(shared, tmp_path):
     pipe, backbone = shared
     pipe.save_pretrained(tmp_path / "sana")
     loaded = SanaBackbone.from_pretrained(tmp_path / "sana", torch_dtype="float32", resolution=RES, device="cpu")
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS)
-        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
-        torch.testing.assert_close(loaded.velocity(x, t, cond, 4.5), backbone.velocity(x, t, cond, 4.5))
-    from dgpo_lightning.models.factory import load_backbone
-
-    via = load_backbone("sana", str(tmp_path / "sana"), resolution=RES, offload_text_encoders=True,
-                        complex_human_instruction=False)
-    assert isinstance(via, SanaBackbone) and via.offload_text_encoders and via.complex_human_instruction == []
-    with pytest.raises(ValueError, match="model.backbone=sana needs model.model_path"):
-        load_backbone("sana", None)
+    checks.check_from_pretrained_loads_the_saved_pipeline(backbone, loaded, PROMPTS, guidance_scale=4.5)
+    via = checks.check_factory_loader("sana", tmp_path / "sana", SanaBackbone, resolution=RES, offload_text_encoders=True,
+                                      complex_human_instruction=False)
+    assert via.complex_human_instruction == []
 
 
 def _new_pipe():
@@ -208,7 +200,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
 def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
     checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, SanaBackbone.from_pretrained, tmp_path / "sana", PROMPTS,
-                                          guidance_scale=4.5)
+                                                 guidance_scale=4.5)
 
 
 def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):

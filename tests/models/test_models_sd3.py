@@ -140,59 +140,34 @@ def test_two_step_euler_rollout_matches_diffusers_pipeline(shared):
 
 
 def test_package_samplers_drive_the_sd3_backbone(shared):
-    from dgpo_lightning.sampling import flow_sigmas, ode_dpm, ode_euler
+    from dgpo_lightning.sampling import flow_sigmas, ode_dpm
 
     pipe, backbone = shared
-    prompts = PROMPTS[:2]
-    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        cond = backbone.encode_prompts(prompts)
-        velocity = lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.5)  # noqa: E731
-        reference = pipe(
-            prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=4.5, latents=x.clone(), output_type="latent"
-        ).images
-        pipe.scheduler.set_timesteps(2)
-        euler = ode_euler(velocity, x, pipe.scheduler.sigmas.float()).sample
-        dpm = ode_dpm(velocity, x, flow_sigmas(2, shift=3.0)).sample  # the paper's rollout sampler
-    torch.testing.assert_close(euler, reference, rtol=1e-4, atol=1e-5)
+    run = checks.check_sd3_euler_rollout_matches_pipeline(pipe, backbone, PROMPTS[:2], guidance_scale=4.5)
+    x, cond = run["x"], run["cond"]
+    with torch.no_grad():  # the paper's rollout sampler
+        dpm = ode_dpm(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.5), x, flow_sigmas(2, shift=3.0)).sample
     assert dpm.shape == x.shape and torch.isfinite(dpm).all()
     assert backbone.decode(dpm).shape == (2, 3, RES, RES)
 
 
 def test_decode_encode_use_vae_scaling_and_shift(shared):
     pipe, backbone = shared
-    vae = pipe.vae
-    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        images = backbone.decode(z)
-        manual = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
-        torch.testing.assert_close(images, (manual / 2 + 0.5).clamp(0, 1))
-        latents = backbone.encode(images)
-        mean = vae.encode(2 * images - 1).latent_dist.mean
-    assert images.shape == (2, 3, RES, RES)
-    assert latents.shape == z.shape
-    torch.testing.assert_close(latents, (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)
+    checks.check_autoencoder_kl_decode_encode(pipe, backbone)
 
 
 def test_from_pretrained_round_trip_and_missing_path(shared, tmp_path):
     pipe, backbone = shared
     pipe.save_pretrained(tmp_path / "sd3")
     loaded = SD3Backbone.from_pretrained(tmp_path / "sd3", torch_dtype="float32", resolution=RES, device="cpu")
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS)
-        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
-        torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
-    from dgpo_lightning.models.factory import load_backbone
-
-    via_config = load_backbone(
-        "sd3", str(tmp_path / "sd3"), resolution=RES, torch_dtype="float32", offload_text_encoders=True
-    )
-    assert isinstance(via_config, SD3Backbone) and via_config.latent_shape() == backbone.latent_shape()
-    assert via_config.offload_text_encoders  # the YAML option (model.backbone_options) reaches the backbone
-    missing = tmp_path / "nowhere" / "sd3.5-medium"
+    checks.check_from_pretrained_loads_the_saved_pipeline(backbone, loaded, PROMPTS)
+    # the YAML options (model.backbone_options) reach the backbone
+    via = checks.check_factory_loader("sd3", tmp_path / "sd3", SD3Backbone, resolution=RES, torch_dtype="float32",
+                                      offload_text_encoders=True)
+    assert via.latent_shape() == backbone.latent_shape()
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        SD3Backbone.from_pretrained(missing)
+        SD3Backbone.from_pretrained(tmp_path / "nowhere" / "sd3.5-medium")
 
 
 def test_bfloat16_weights_with_fp32_adapter(shared, tmp_path):

@@ -80,22 +80,8 @@ def test_velocity_is_the_transformer_at_1000t(shared):
 
 
 def test_two_step_euler_rollout_with_cfg_equals_the_pipeline(shared):
-    from dgpo_lightning.sampling import ode_euler
-
     pipe, backbone = shared
-    prompts = PROMPTS[:2]
-    x = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        reference = pipe(
-            prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=4.5, latents=x.clone(), output_type="latent"
-        ).images
-        pipe.scheduler.set_timesteps(2)
-        sigmas = pipe.scheduler.sigmas.float()
-        cond = backbone.encode_prompts(prompts)
-        ours = ode_euler(lambda x_t, t: backbone.velocity(x_t, t, cond, guidance_scale=4.5), x, sigmas).sample
-    assert len(sigmas) == 3 and sigmas[-1] == 0.0
-    assert not torch.allclose(reference, x, atol=1e-2)
-    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    checks.check_sd3_euler_rollout_matches_pipeline(pipe, backbone, PROMPTS[:2], guidance_scale=4.5)
 
 
 def test_lora_save_then_fresh_pipeline_load_gives_identical_outputs(tmp_path):

@@ -180,37 +180,17 @@ def test_dynamic_shift_is_exp_mu_at_the_backbone_resolution():
 
 def test_decode_encode_use_flux_vae_scaling_and_shift(shared):
     pipe, backbone = shared
-    vae = pipe.vae
-    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
-    z = torch.randn(2, *backbone.latent_shape(), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        images = backbone.decode(z)
-        # The pipeline's own decode path (output_type="pt" postprocessing: x / 2 + 0.5, clamped).
-        manual = pipe.image_processor.postprocess(
-            vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample, output_type="pt"
-        )
-        torch.testing.assert_close(images, manual)
-        latents = backbone.encode(images)
-        mean = vae.encode(2 * images - 1).latent_dist.mean
-    assert images.shape == (2, 3, RES, RES)
-    torch.testing.assert_close(latents, (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    checks.check_autoencoder_kl_decode_encode(pipe, backbone)
 
 
 def test_from_pretrained_round_trip_factory_and_missing_path(shared, tmp_path):
     pipe, backbone = shared
     pipe.save_pretrained(tmp_path / "z_image")
-    from dgpo_lightning.models.factory import load_backbone
-
-    loaded = load_backbone("z_image", str(tmp_path / "z_image"), resolution=RES, torch_dtype="float32",
-                           offload_text_encoders=True, turbo=True)
-    assert isinstance(loaded, ZImageBackbone) and loaded.turbo and loaded.offload_text_encoders
-    x, t = _inputs(backbone)
-    with torch.no_grad():
-        cond = backbone.encode_prompts(PROMPTS)
-        torch.testing.assert_close(loaded.encode_prompts(PROMPTS)["prompt_embeds"], cond["prompt_embeds"])
-        torch.testing.assert_close(loaded.velocity(x, t, cond), backbone.velocity(x, t, cond))
-    with pytest.raises(ValueError, match="model.backbone=z_image needs model.model_path"):
-        load_backbone("z_image", None)
+    loaded = checks.check_factory_loader("z_image", tmp_path / "z_image", ZImageBackbone, resolution=RES,
+                                         torch_dtype="float32", offload_text_encoders=True, turbo=True)
+    assert loaded.turbo
+    checks.check_from_pretrained_loads_the_saved_pipeline(backbone, loaded, PROMPTS)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ZImageBackbone.from_pretrained(tmp_path / "nowhere" / "Z-Image-Turbo")
 
@@ -224,7 +204,7 @@ def test_offloaded_text_encoder_visits_the_device_only_to_encode(shared):
 def test_bfloat16_base_with_fp32_adapter(shared, tmp_path):
     pipe, backbone = shared
     checks.check_bfloat16_base_with_fp32_adapter(pipe, backbone, ZImageBackbone.from_pretrained, tmp_path / "z", PROMPTS,
-                                          guidance_scale=2.0)
+                                                 guidance_scale=2.0)
 
 
 def test_lora_targets_cover_every_attention_and_shard_units_every_block():
