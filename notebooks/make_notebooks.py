@@ -1,7 +1,7 @@
 """Writes the notebooks in this folder from the cells below (keeps them reviewable as code).
 
-    python notebooks/make_notebooks.py                       # write every notebook (no outputs)
-    python notebooks/make_notebooks.py --execute NAME ...    # write, then run NAME in full mode and
+    python notebooks/make_notebooks.py                       # write every notebook (without outputs)
+    python notebooks/make_notebooks.py --execute NAME ...    # write only NAME ..., run each in full mode and
                                                              # save it with its outputs (what is committed)
 
 ``--execute`` runs a notebook headless (matplotlib's inline backend, so figures are saved as PNG) from this folder with the environment of
@@ -122,7 +122,7 @@ EXPLORE = [
         config = yaml.safe_load((RUN_DIR / 'config.yaml').read_text())
         model_cfg, data_cfg = config['model'], config['data']
         KIND = model_cfg['backbone']
-        print(f"run directory: {RUN_DIR}")
+        print(f"run directory: {os.path.relpath(RUN_DIR, ROOT)}")
         print(f"backbone {KIND} ({model_cfg['model_path'] or 'shipped base'}), {model_cfg['finetune']} fine-tuning, "
               f"algorithm {model_cfg['algorithm']}, beta {model_cfg['beta']}, t_min {model_cfg['t_min']}")
         print(f"rewards {data_cfg['rewards']}, G = {data_cfg['group_size']}, {data_cfg['prompts_per_rank']} prompts per epoch, "
@@ -624,23 +624,21 @@ GEOMETRY = [
     ),
     code(
         """
-        shifts = torch.linspace(-0.6, 0.6, POINTS)
+        shifts = torch.linspace(-0.6, 0.6, POINTS)  # Flow-GRPO: the log-ratio of sample 0
+        moves = torch.linspace(-0.1, 0.1, POINTS)   # DGPO and DPO: -(l_theta - l_ref) of sample 0 (> 0: more likely)
         d_curve, g_curve, p_curve = [], [], []
-        for x in shifts.tolist():
-            # DGPO: the best sample's error moves by -x/100 (x > 0: more likely), the others stay at delta
-            d = delta.clone(); d[0] = -x / 100
+        for x, m in zip(shifts.tolist(), moves.tolist()):
+            d = delta.clone(); d[0] = -m
             g, _, _ = dgpo_weights(d, A, group, beta); d_curve.append(float(g[0]))
-            # Flow-GRPO: the same sample's log-ratio is x
             lr = log_ratio.clone(); lr[0] = x
             lp = (old + lr).clone().requires_grad_(True)
             flow_grpo_loss(lp, old, A, clip_range=clip)[0].backward(); g_curve.append(float(-lp.grad[0]))
-            # Diffusion-DPO: the winner's error moves by -x/100
             lt = (l_ref + d).clone().requires_grad_(True)
             diffusion_dpo_loss(lt[winner], l_ref[winner], lt[loser], l_ref[loser], beta=dpo_beta)[0].backward(); p_curve.append(float(lt.grad[0]))
         figure, axes = plt.subplots(1, 3, figsize=(14, 3))
-        for axis, curve, label, xlabel in zip(axes, (d_curve, g_curve, p_curve), ('DGPO', 'Flow-GRPO', 'Diffusion-DPO'),
-                                              ('-(l_theta - l_ref) x 100 of the best sample', 'log ratio of the best sample', '-(l_theta - l_ref) x 100 of the winner')):
-            axis.plot(shifts, curve); axis.set_title(f'{label}: push on sample 0 (A = {A[0]:+.2f})', fontsize=9); axis.set_xlabel(xlabel, fontsize=8)
+        for axis, x, curve, label, xlabel in zip(axes, (moves, shifts, moves), (d_curve, g_curve, p_curve), ('DGPO', 'Flow-GRPO', 'Diffusion-DPO'),
+                                                 ('-(l_theta - l_ref) of the best sample', 'log ratio of the best sample', '-(l_theta - l_ref) of the winner')):
+            axis.plot(x, curve); axis.set_title(f'{label}: push on sample 0 (A = {A[0]:+.2f})', fontsize=9); axis.set_xlabel(xlabel, fontsize=8)
         axes[1].axvline(np.log(1 + clip), color='grey', linestyle=':')
         plt.tight_layout(); plt.show()
         assert g_curve[-1] == 0.0 and d_curve[-1] < d_curve[0] and p_curve[-1] < p_curve[0]
@@ -906,7 +904,343 @@ REWARDS = [
     ),
 ]
 
-NOTEBOOKS = {"explore_dgpo_run": EXPLORE, "dgpo_loss_geometry": GEOMETRY, "inside_the_rewards": REWARDS}
+# ============================================================================ compare_ablations
+
+COMPARE = [
+    md(
+        """
+        # Comparing the ablations: the paper's claims next to what was measured
+
+        `experiments/run_ablations.py` runs each of the paper's comparisons on the embedded world (3 seeds, a fixed
+        training budget) and writes `results/<suite>.csv`: the final held-out GenEval score (mean ± std over
+        seeds), the gain over the base, the eval-only quality proxy (`sharpness`), the minutes to a common target
+        (half of the best run's gain) and the rollout images generated. This notebook
+
+        1. loads every suite's table (`experiments/results/` on the shipped base, `experiments/clean_base/` on the
+           stage-1 clean-caption base, and any other suite output named by `DGPO_SUITE_DIR`),
+        2. prints the paper's claim next to what each table measured,
+        3. plots each suite's final scores with their seed spread, the time to the target and the images,
+        4. and, where a suite's run directories are on this machine (`<suite dir>/runs/`, not committed), the
+           held-out score against training wall-clock and against images for every seed (mean and min–max band)
+           and the time each run spent sampling, scoring and optimising.
+
+        The committed outputs show the measured tables of `experiments/` and, for the curves and phases, a short demo
+        suite (`python experiments/run_ablations.py --suite speed --seeds 0 1 --minutes 0.5 --eval-every 2 --jobs 1
+        --out runs/notebook_suite`, about 30 s of training per run: what the plots look like, not a measurement; its
+        table is left out of the comparison unless `DGPO_SUITE_DIR` names it). With
+        `DGPO_NOTEBOOK_TINY=1` (the tests) a tiny random model is trained for two epochs to stand in for a suite's
+        run directory.
+        """
+    ),
+    code(
+        """
+        import csv
+        import importlib.util
+        import math
+        import os
+        import re
+        import textwrap
+        from pathlib import Path
+
+        import matplotlib.pyplot as plt
+        import numpy as np
+        import torch
+
+        ROOT = Path('..').resolve()
+        TINY = os.environ.get('DGPO_NOTEBOOK_TINY') == '1'
+        torch.set_num_threads(1 if TINY else 2)
+        plt.rcParams['figure.dpi'] = 80  # small PNG outputs
+
+        spec = importlib.util.spec_from_file_location('run_ablations', ROOT / 'experiments' / 'run_ablations.py')
+        ablations = importlib.util.module_from_spec(spec); spec.loader.exec_module(ablations)
+        SUITES, METRIC, QUALITY = ablations.SUITES, ablations.METRIC, ablations.QUALITY
+
+        SOURCES = {
+            'shipped base (experiments/)': ROOT / 'experiments',
+            'clean-caption base (experiments/clean_base/)': ROOT / 'experiments' / 'clean_base',
+            'clean-caption base, 4 min (clean_base/speed_4min/)': ROOT / 'experiments' / 'clean_base' / 'speed_4min',
+        }
+        # Another suite output: its tables are shown with the committed ones when named by DGPO_SUITE_DIR; the
+        # default, the demo suite of the committed outputs, only provides run directories for the curves.
+        extra = Path(os.environ.get('DGPO_SUITE_DIR', ROOT / 'runs' / 'notebook_suite'))
+        if TINY:
+            extra = Path(os.environ['DGPO_RUN_DIR']) / 'suite'
+        EXTRA_NAME = f'{"tiny test suite" if TINY else "suite"} ({extra.name}/)'
+        SOURCES[EXTRA_NAME] = extra
+        TABLE_SOURCES = [name for name in SOURCES if name != EXTRA_NAME or 'DGPO_SUITE_DIR' in os.environ]
+        """
+    ),
+    md("In tiny mode, one tiny DGPO run in a suite's directory layout (`<suite dir>/runs/dgpo/seed0`) stands in for a suite's runs."),
+    code(
+        """
+        if TINY:
+            import json
+
+            from dgpo_lightning.cli import DGPOCLI
+            from dgpo_lightning.data.prompts import load_prompt_records
+            from dgpo_lightning.world.backbone import save_backbone, tiny_backbone
+
+            torch.manual_seed(0)
+            base_path = save_backbone(tiny_backbone(), extra / 'tiny_base')
+            held_out = extra / 'held_out.jsonl'
+            by_tag = {}
+            for record in load_prompt_records('world:test'):
+                by_tag.setdefault(record['tag'], record)
+            held_out.write_text(''.join(json.dumps(r) + '\\n' for r in by_tag.values()))
+            directory = ablations.run_dir(extra, [], 0)
+            DGPOCLI(args=['fit', '--config', str(ablations.BASE), f'--model.model_path={base_path}', '--model.lr=1e-3',
+                          '--data.group_size=4', '--data.prompts_per_rank=2', '--data.groups_per_batch=2', '--data.num_steps=3',
+                          '--data.eval_num_steps=3', '--data.rewards={sharpness: 1.0}', '--data.eval_rewards=[geneval, sharpness]',
+                          f'--data.eval_prompts={held_out}', '--data.eval_images_per_prompt=1', '--data.progress=false',
+                          '--trainer.max_epochs=2', '--trainer.check_val_every_n_epoch=1', '--trainer.enable_progress_bar=false',
+                          '--trainer.enable_model_summary=false', f'--trainer.default_root_dir={directory}'])
+            (directory / 'done').write_text('tiny\\n')
+            get_ipython().run_line_magic('matplotlib', 'inline')  # the fit switched matplotlib to Agg
+        """
+    ),
+    md("## The tables"),
+    code(
+        """
+        def read_table(path):
+            rows = list(csv.DictReader(path.open()))
+            for row in rows:
+                for key in ('final_mean', 'final_std', 'gain', 'quality_proxy', 'minutes_to_target', 'images'):
+                    row[key] = float(row[key])
+            header = path.with_suffix('.md').read_text() if path.with_suffix('.md').exists() else ''
+            found = re.search(r'base \\S+ = ([0-9.]+); target = ([0-9.]+)', header)
+            return {'rows': rows, 'base': float(found.group(1)) if found else math.nan, 'target': float(found.group(2)) if found else math.nan}
+
+
+        tables = {}  # suite -> source -> table
+        for source in TABLE_SOURCES:
+            for path in sorted((SOURCES[source] / 'results').glob('*.csv')):
+                tables.setdefault(path.stem, {})[source] = read_table(path)
+        for suite, by_source in tables.items():
+            print(f'=== {suite}')
+            for source, table in by_source.items():
+                print(f"  {source}: base {table['base']:.3f}, target {table['target']:.3f}")
+                for row in table['rows']:
+                    reach = f"{row['minutes_to_target']:.1f} min" if not math.isnan(row['minutes_to_target']) else 'not reached'
+                    print(f"    {row['run']:26s} {row['final_mean']:.3f} ± {row['final_std']:.3f}  gain {row['gain']:+.3f}  "
+                          f"sharpness {row['quality_proxy']:.2f}  target {reach:>11s} ({row['reached_target']})  {row['images']:.0f} images")
+        """
+    ),
+    md(
+        """
+        ## The paper's claims next to what was measured
+
+        The claims as `experiments/README.md` states them (Luo, Hu, Tang, ICLR 2026). The "measured" line is computed
+        from each table: a difference counts as resolved only when it exceeds the combined seed spread
+        $\\sqrt{s_a^2 + s_b^2}$ of the two rows (population std over the seeds).
+        """
+    ),
+    code(
+        """
+        CLAIMS = {
+            'speed': 'DGPO trains far faster than Flow-GRPO on the same model, rewards, prompts and budget (the paper: ~20x to the '
+                     'same score in wall-clock); online Diffusion-DPO (best vs worst of each group) is this repository\\'s pairwise baseline.',
+            'sampler': 'DGPO learns better from deterministic ODE rollouts than from SDE rollouts (it needs no stochastic sampler).',
+            't_min': 'Timestep clipping helps: training only on t >= t_min beats training on every timestep (t_min = 0), '
+                     'because few-step rollouts carry artifacts at low noise.',
+            'group_size': 'Group size G in {2, 4, 8, 16} at a fixed number of images per rollout (the paper ablates G).',
+            'open_questions': 'Not a claim of the paper: rank or softmax group weights instead of |A|, and an annealed t_min.',
+        }
+
+
+        def row_of(table, name):
+            return next(r for r in table['rows'] if r['run'] == name)
+
+
+        def compare(a, b):
+            \"\"\"'a > b', 'a < b' or 'a ~ b' by the gains and their combined seed spread.\"\"\"
+            diff, spread = a['gain'] - b['gain'], math.hypot(a['final_std'], b['final_std'])
+            word = 'above' if diff > spread else 'below' if diff < -spread else 'within the spread of'
+            return f"{a['run']} {a['gain']:+.3f} ± {a['final_std']:.3f} is {word} {b['run']} {b['gain']:+.3f} ± {b['final_std']:.3f}"
+
+
+        def measured(suite, table):
+            rows = table['rows']
+            if suite == 'speed':
+                dgpo, grpo = row_of(table, 'dgpo'), row_of(table, 'flow_grpo')
+                ratio = dgpo['gain'] / grpo['gain'] if grpo['gain'] > 0 else math.inf
+                time_ratio = grpo['minutes_to_target'] / dgpo['minutes_to_target']
+                lines = [compare(dgpo, grpo) + f' (ratio of gains {ratio:.1f}x)',
+                         f"time to target: DGPO {dgpo['minutes_to_target']:.1f} min ({dgpo['reached_target']} seeds), Flow-GRPO "
+                         + (f"{grpo['minutes_to_target']:.1f} min ({grpo['reached_target']} seeds): Flow-GRPO / DGPO = {time_ratio:.1f}x"
+                            if not math.isnan(time_ratio) else f"never ({grpo['reached_target']} seeds)")]
+                if any(r['run'] == 'diffusion_dpo' for r in rows):
+                    lines.append(compare(dgpo, row_of(table, 'diffusion_dpo')))
+                return lines
+            if suite == 'sampler':
+                return [compare(row_of(table, 'ode'), row_of(table, 'sde'))]
+            if suite == 't_min':
+                zero = row_of(table, 't_min=0.0')
+                return [compare(r, zero) for r in rows if r is not zero]
+            best = max(rows, key=lambda r: r['gain'])
+            return [compare(best, r) for r in rows if r is not best]
+
+
+        for suite, by_source in tables.items():
+            print(f'=== {suite}\\nclaim:    {CLAIMS.get(suite, "(no claim recorded)")}')
+            for source, table in by_source.items():
+                try:
+                    lines = measured(suite, table)
+                except StopIteration:  # a suite output without all of the runs
+                    lines = ['(not every run of the suite is in this table)']
+                print(f'measured, {source}:')
+                for line in lines:
+                    print(f'    {line}')
+            print()
+        """
+    ),
+    md(
+        """
+        ## Each suite: final score with seed spread, time to target, images
+
+        Bars: final held-out GenEval (mean over seeds, error bar ± one std), one colour per source; the dashed line
+        is that source's base. Middle: minutes of training to reach the suite's target (the hatched bars did
+        not reach it in the budget in any seed). Right: rollout images generated in the budget (a measure of
+        each method's sampling cost per minute).
+        """
+    ),
+    code(
+        """
+        for suite, by_source in tables.items():
+            names = list(dict.fromkeys(r['run'] for t in by_source.values() for r in t['rows']))
+            figure, (score_axis, time_axis, image_axis) = plt.subplots(1, 3, figsize=(15, 3.4))
+            width = 0.8 / len(by_source)
+            for k, (source, table) in enumerate(by_source.items()):
+                x = np.array([names.index(r['run']) for r in table['rows']]) + (k - (len(by_source) - 1) / 2) * width
+                bars = score_axis.bar(x, [r['final_mean'] for r in table['rows']], width, yerr=[r['final_std'] for r in table['rows']],
+                                      capsize=3, label=source)
+                colour = bars.patches[0].get_facecolor()
+                score_axis.hlines(table['base'], x.min() - width / 2, x.max() + width / 2, colors=[colour], linestyles='--')
+                minutes = [r['minutes_to_target'] for r in table['rows']]
+                longest = np.nanmax(minutes) if not all(math.isnan(m) for m in minutes) else 1.0
+                time_axis.bar(x, [m if not math.isnan(m) else longest for m in minutes], width, color=colour,
+                              hatch=None, alpha=0.9)
+                for xi, m in zip(x, minutes):
+                    if math.isnan(m):
+                        time_axis.bar(xi, longest, width, color='white', edgecolor=colour, hatch='//')
+                image_axis.bar(x, [r['images'] for r in table['rows']], width, color=colour)
+            for axis, label in ((score_axis, 'final held-out GenEval'), (time_axis, 'minutes to target'), (image_axis, 'rollout images')):
+                axis.set_xticks(range(len(names))); axis.set_xticklabels(names, rotation=20, fontsize=8); axis.set_ylabel(label)
+            low = min(t['base'] for t in by_source.values() if not math.isnan(t['base']))
+            score_axis.set_ylim(max(0, low - 0.1), None)
+            score_axis.legend(fontsize=6, loc='lower right')
+            figure.suptitle('\\n'.join(textwrap.wrap(f'{suite}: {CLAIMS.get(suite, "")}', 160)), fontsize=9)
+            plt.tight_layout(); plt.show()
+        """
+    ),
+    md(
+        """
+        ## Curves from the run directories: score against wall-clock and images, with seed spread
+
+        For every suite output whose run directories are here, each run's `eval_history.csv` (the base's evaluation
+        prepended, as `run_ablations.py` does). Thin lines: single seeds; thick: the mean over seeds on a common
+        time grid, with the min–max band. The x axis is training time with evaluation excluded.
+        """
+    ),
+    code(
+        """
+        def base_row(directory):
+            path = directory / 'runs' / 'base' / 'eval_validate.csv'
+            if not path.exists():
+                return None
+            return {k: float(v) for k, v in next(csv.DictReader(path.open())).items() if v != ''}
+
+
+        curves = {}  # (source, suite) -> run name -> [rows per seed]
+        for source, directory in SOURCES.items():
+            if not (directory / 'runs').is_dir():
+                continue
+            base = base_row(directory)
+            for suite, runs in SUITES.items():
+                for name, configs in runs:
+                    for seed_dir in sorted(ablations.run_dir(directory, configs, 0).parent.glob('seed*')):
+                        if (seed_dir / 'done').exists():
+                            rows = ablations.read_history(seed_dir)
+                            curves.setdefault((source, suite), {}).setdefault(name, []).append(([base] if base else []) + rows)
+        print('run directories found:', {f'{s} / {suite}': {n: len(v) for n, v in runs.items()} for (s, suite), runs in curves.items()} or 'none')
+
+        for (source, suite), runs in curves.items():
+            if (len(runs) < len(SUITES[suite]) and not TINY) or (TINY and suite != 'speed'):
+                continue  # a suite with only some of its runs here (tiny: its one run, once)
+            figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(12, 3.6))
+            for name, seeds in runs.items():
+                colour = None
+                for rows in seeds:
+                    line, = by_time.plot([r['seconds'] / 60 for r in rows], [r[METRIC] for r in rows], linewidth=0.7, alpha=0.5, color=colour)
+                    colour = line.get_color()
+                    by_images.plot([r['images'] for r in rows], [r[METRIC] for r in rows], linewidth=0.7, alpha=0.5, color=colour)
+                grid = np.linspace(0, min(rows[-1]['seconds'] for rows in seeds), 50)
+                values = np.array([np.interp(grid, [r['seconds'] for r in rows], [r[METRIC] for r in rows]) for rows in seeds])
+                by_time.plot(grid / 60, values.mean(0), color=colour, linewidth=2.2, label=f'{name} ({len(seeds)} seeds)')
+                by_time.fill_between(grid / 60, values.min(0), values.max(0), color=colour, alpha=0.15)
+            by_time.set_xlabel('training minutes (evaluation excluded)'); by_images.set_xlabel('rollout images generated')
+            for axis in (by_time, by_images):
+                axis.set_ylabel(f'held-out {METRIC}'); axis.grid(alpha=0.3)
+            by_time.legend(fontsize=7)
+            figure.suptitle(f'{suite}, {source}', fontsize=9)
+            plt.tight_layout(); plt.show()
+        """
+    ),
+    md(
+        """
+        ## Where each run's time goes
+
+        From the TensorBoard scalars of each run directory: per rollout epoch the seconds spent sampling and
+        decoding, inside the rewards and waiting for them; the rest of the training time (from
+        `eval_history.csv`) is the optimisation. Means over seeds, in minutes of the training budget.
+        """
+    ),
+    code(
+        """
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+        def phase_minutes(seed_dir):
+            totals = {}
+            for file in seed_dir.glob('**/events.out.tfevents.*'):
+                events = EventAccumulator(str(file), size_guidance={'scalars': 0}); events.Reload()
+                for tag in ('rollout/seconds', 'rollout/sampling_seconds', 'rollout/scoring_seconds', 'rollout/reward_wait_seconds'):
+                    if tag in events.Tags()['scalars']:
+                        by_step = {v.step: v.value for v in events.Scalars(tag)}
+                        totals[tag] = totals.get(tag, 0.0) + sum(by_step.values())
+            training = ablations.read_history(seed_dir)[-1]['seconds']
+            return {'sampling': totals.get('rollout/sampling_seconds', 0) / 60,
+                    'scoring': totals.get('rollout/scoring_seconds', 0) / 60,
+                    'optimisation': max(0.0, training - totals.get('rollout/seconds', 0)) / 60}
+
+
+        phase_rows, seen = [], set()
+        for (source, suite), runs in curves.items():
+            for name, configs in SUITES[suite]:
+                run = ablations.run_dir(SOURCES[source], configs, 0).parent
+                seed_dirs = [d for d in sorted(run.glob('seed*')) if (d / 'done').exists()]
+                if seed_dirs and run not in seen:  # runs shared by several suites are shown once
+                    seen.add(run)
+                    phases = [phase_minutes(d) for d in seed_dirs]
+                    phase_rows.append((source, name, {k: float(np.mean([p[k] for p in phases])) for k in phases[0]}))
+        if phase_rows:
+            figure, axis = plt.subplots(figsize=(8, 0.5 + 0.45 * len(phase_rows)))
+            labels = [f'{name} ({source.split(" (")[0]})' for source, name, _ in phase_rows]
+            left = np.zeros(len(phase_rows))
+            for phase in ('sampling', 'scoring', 'optimisation'):
+                values = np.array([p[phase] for _, _, p in phase_rows])
+                axis.barh(labels, values, left=left, label=phase); left += values
+            axis.set_xlabel('minutes of training'); axis.legend(fontsize=8); axis.invert_yaxis()
+            plt.tight_layout(); plt.show()
+            for source, name, phases in phase_rows:
+                total = sum(phases.values())
+                print(f'{name:26s} ' + '  '.join(f'{k} {v / total:4.0%}' for k, v in phases.items()))
+        else:
+            print('no run directories here: run a suite (see the top) to see its phases')
+        """
+    ),
+]
+
+NOTEBOOKS = {"explore_dgpo_run": EXPLORE, "dgpo_loss_geometry": GEOMETRY, "inside_the_rewards": REWARDS, "compare_ablations": COMPARE}
 
 
 def write(name: str) -> Path:
@@ -939,8 +1273,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--execute", nargs="*", default=[], metavar="NAME", help="notebooks to run in full mode and save with outputs")
     args = parser.parse_args()
-    for name in NOTEBOOKS:
-        if name not in args.execute:
+    if not args.execute:  # only the notebooks named by --execute are rewritten (the others keep their outputs)
+        for name in NOTEBOOKS:
             print(f"wrote {write(name)}")
     for name in args.execute:
         write(name)
