@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -271,14 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv if argv is not None else sys.argv[1:]
     )
     result["command"] = command.strip()
-    text = markdown(result, result["command"])
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text, encoding="utf-8")
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    load_gpu_bench().write_results(result, markdown(result, result["command"]), args.out)
     return result
 
 

@@ -275,6 +275,17 @@ MODELS: dict[str, ModelSpec] = {
 PROMPT = "a photo of a red apple to the left of a blue cup"
 
 
+def write_results(result: dict[str, Any], text: str, out: str | Path | None) -> None:
+    """Print the Markdown report and, with ``out``, write ``out.md`` and ``out.json``."""
+    print(text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
 def require_cuda(device: str) -> None:
     """Exit with a clear message unless ``device`` is a usable CUDA device."""
     if not device.startswith("cuda"):
@@ -772,14 +783,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = True
     result = run(args, args.device)
     command = "python benchmarks/bench_sd3_gpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = markdown(result, command.strip())
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text, encoding="utf-8")
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    write_results(result, markdown(result, command.strip()), args.out)
     return result
 
 

@@ -140,7 +140,14 @@ class DiffusersBackbone(nn.Module):
         import diffusers
 
         pipeline_type = getattr(diffusers, cls.pipeline_class)
-        own = {name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "pipe")}
+        # Subclasses take their own options and pass the shared ones (**shared) on to this class.
+        own = {
+            name
+            for klass in cls.__mro__
+            if isinstance(klass, type) and issubclass(klass, DiffusersBackbone)
+            for name, parameter in inspect.signature(klass.__init__).parameters.items()
+            if name not in ("self", "pipe") and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        }
         backbone_kwargs = {k: v for k, v in kwargs.items() if k in own}
         pipeline_kwargs = {k: v for k, v in kwargs.items() if k not in own}
         text = os.fspath(path)

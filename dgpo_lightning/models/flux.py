@@ -117,7 +117,7 @@ class FluxBackbone(DiffusersBackbone):
             schnell (the limit its model card gives).
         guidance: the distilled guidance value of dev, fed to the guidance embedding in every forward
             pass; ``None``: 3.5 for dev. Schnell has no guidance embedding: a value is an error.
-        prompt_cache_size, negative_prompt, offload_text_encoders: see
+        **shared: ``prompt_cache_size``, ``negative_prompt``, ``offload_text_encoders`` of
             :class:`~dgpo_lightning.models.diffusers_backbone.DiffusersBackbone` (T5-XXL alone is
             ~9 GB in bf16, the reason to offload it).
     """
@@ -138,9 +138,7 @@ class FluxBackbone(DiffusersBackbone):
         resolution: int = 512,
         max_sequence_length: int | None = None,
         guidance: float | None = None,
-        prompt_cache_size: int = 1024,
-        negative_prompt: str = "",
-        offload_text_encoders: bool = False,
+        **shared: Any,
     ):
         self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
         if self.guidance_embeds:
@@ -159,13 +157,7 @@ class FluxBackbone(DiffusersBackbone):
         if not 0 < int(max_sequence_length) <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512 (FluxPipeline's limit), got {max_sequence_length}")
         self.max_sequence_length = int(max_sequence_length)
-        super().__init__(
-            pipe,
-            resolution=resolution,
-            prompt_cache_size=prompt_cache_size,
-            negative_prompt=negative_prompt,
-            offload_text_encoders=offload_text_encoders,
-        )
+        super().__init__(pipe, resolution=resolution, **shared)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.latent_channels = int(self.denoiser.config.in_channels) // 4
         side = self.resolution // self.vae_scale_factor

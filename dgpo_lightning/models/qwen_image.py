@@ -110,7 +110,7 @@ class QwenImageBackbone(DiffusersBackbone):
         resolution: image side in pixels (Flow-GRPO trains Qwen-Image at 512).
         max_sequence_length: prompt tokens kept after the template (the pipeline's default 512;
             at most 1024).
-        prompt_cache_size, negative_prompt, offload_text_encoders: see
+        **shared: ``prompt_cache_size``, ``negative_prompt``, ``offload_text_encoders`` of
             :class:`~dgpo_lightning.models.diffusers_backbone.DiffusersBackbone` (the Qwen2.5-VL-7B
             text encoder is ~16 GB in bf16, the reason to offload it).
     """
@@ -132,20 +132,12 @@ class QwenImageBackbone(DiffusersBackbone):
         pipe: Any,
         resolution: int = 512,
         max_sequence_length: int = 512,
-        prompt_cache_size: int = 1024,
-        negative_prompt: str | None = None,
-        offload_text_encoders: bool = False,
+        **shared: Any,
     ):
         if not 0 < int(max_sequence_length) <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024 (QwenImagePipeline's limit), got {max_sequence_length}")
         self.max_sequence_length = int(max_sequence_length)
-        super().__init__(
-            pipe,
-            resolution=resolution,
-            prompt_cache_size=prompt_cache_size,
-            negative_prompt=negative_prompt,
-            offload_text_encoders=offload_text_encoders,
-        )
+        super().__init__(pipe, resolution=resolution, **shared)
         if getattr(self.denoiser.config, "guidance_embeds", False):
             raise ValueError(
                 "this Qwen-Image transformer has guidance_embeds=True (a guidance-distilled variant), which the "

@@ -107,7 +107,7 @@ class SanaBackbone(DiffusersBackbone):
         complex_human_instruction: the instruction lines prepended to every prompt before Gemma
             encodes it; ``None`` = the pipeline's ``__call__`` default (so that rollouts equal
             ``pipe(prompt)``), ``False`` / ``[]`` = none (what NVlabs/Sana's RL scripts encode).
-        prompt_cache_size, negative_prompt, offload_text_encoders: see
+        **shared: ``prompt_cache_size``, ``negative_prompt``, ``offload_text_encoders`` of
             :class:`~dgpo_lightning.models.diffusers_backbone.DiffusersBackbone` (Gemma-2-2B is ~5 GB in bf16).
     """
 
@@ -128,9 +128,7 @@ class SanaBackbone(DiffusersBackbone):
         resolution: int = 1024,
         max_sequence_length: int = 300,
         complex_human_instruction: Sequence[str] | bool | None = None,
-        prompt_cache_size: int = 1024,
-        negative_prompt: str | None = None,
-        offload_text_encoders: bool = False,
+        **shared: Any,
     ):
         self.max_sequence_length = int(max_sequence_length)
         if complex_human_instruction is None or complex_human_instruction is True:
@@ -145,13 +143,7 @@ class SanaBackbone(DiffusersBackbone):
             raise ValueError(
                 "this SanaTransformer2DModel embeds guidance (SANA-Sprint); SanaBackbone covers SanaPipeline models"
             )
-        super().__init__(
-            pipe,
-            resolution=resolution,
-            prompt_cache_size=prompt_cache_size,
-            negative_prompt=negative_prompt,
-            offload_text_encoders=offload_text_encoders,
-        )
+        super().__init__(pipe, resolution=resolution, **shared)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.patch_size = int(config.patch_size)
         self.timestep_scale = float(getattr(config, "timestep_scale", 1.0) or 1.0)

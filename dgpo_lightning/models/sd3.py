@@ -33,7 +33,7 @@ class SD3Backbone(DiffusersBackbone):
         pipe: a ``StableDiffusion3Pipeline``.
         resolution: image side in pixels (the paper: 512 for SD3.5-M).
         max_sequence_length: T5 tokens (diffusers' default 256).
-        prompt_cache_size, negative_prompt, offload_text_encoders: see
+        **shared: ``prompt_cache_size``, ``negative_prompt``, ``offload_text_encoders`` of
             :class:`~dgpo_lightning.models.diffusers_backbone.DiffusersBackbone` (T5-XXL alone is
             ~9 GB in bf16, the reason to offload it).
     """
@@ -53,18 +53,10 @@ class SD3Backbone(DiffusersBackbone):
         pipe: Any,
         resolution: int = 512,
         max_sequence_length: int = 256,
-        prompt_cache_size: int = 1024,
-        negative_prompt: str = "",
-        offload_text_encoders: bool = False,
+        **shared: Any,
     ):
         self.max_sequence_length = int(max_sequence_length)
-        super().__init__(
-            pipe,
-            resolution=resolution,
-            prompt_cache_size=prompt_cache_size,
-            negative_prompt=negative_prompt,
-            offload_text_encoders=offload_text_encoders,
-        )
+        super().__init__(pipe, resolution=resolution, **shared)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.patch_size = int(self.denoiser.config.patch_size)
 

@@ -102,7 +102,7 @@ class ZImageBackbone(DiffusersBackbone):
         max_sequence_length: text tokens before padding is dropped (the pipeline's default 512).
         cfg_normalization: the pipeline's option (``0``/``False``: off, its default).
         cfg_truncation: the pipeline's option (``1.0``: CFG at every step, its default).
-        prompt_cache_size, negative_prompt, offload_text_encoders: see
+        **shared: ``prompt_cache_size``, ``negative_prompt``, ``offload_text_encoders`` of
             :class:`~dgpo_lightning.models.diffusers_backbone.DiffusersBackbone`.
     """
 
@@ -124,18 +124,10 @@ class ZImageBackbone(DiffusersBackbone):
         max_sequence_length: int = 512,
         cfg_normalization: float = 0.0,
         cfg_truncation: float = 1.0,
-        prompt_cache_size: int = 1024,
-        negative_prompt: str = "",
-        offload_text_encoders: bool = False,
+        **shared: Any,
     ):
         self.max_sequence_length = int(max_sequence_length)
-        super().__init__(
-            pipe,
-            resolution=resolution,
-            prompt_cache_size=prompt_cache_size,
-            negative_prompt=negative_prompt,
-            offload_text_encoders=offload_text_encoders,
-        )
+        super().__init__(pipe, resolution=resolution, **shared)
         if turbo is None:
             name = str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
             turbo = "turbo" in name.lower()
