@@ -60,7 +60,8 @@ EXPLORE = [
         ```
 
         With `DGPO_NOTEBOOK_TINY=1` (the tests) the notebook first trains a tiny random model for two epochs,
-        then resumes it for a third, so that it runs in seconds.
+        then resumes it for a third, so that it runs in seconds (unless `DGPO_RUN_DIR` already holds a run: the tests
+        also point it at a tiny SD3 run with its LoRA adapter).
         """
     ),
     code(
@@ -90,7 +91,7 @@ EXPLORE = [
     ),
     code(
         """
-        if TINY:
+        if TINY and not (RUN_DIR / 'config.yaml').exists():  # (a tiny run given by DGPO_RUN_DIR is used as it is)
             import json
 
             from dgpo_lightning.cli import DGPOCLI
@@ -220,8 +221,12 @@ EXPLORE = [
     code(
         """
         HISTORY = RUN_DIR / 'eval_history.csv'
-        rows = [{k: float(v) for k, v in row.items() if v != ''} for row in csv.DictReader(HISTORY.open())]
-        print(f'{len(rows)} evaluations, steps {[int(r["step"]) for r in rows]}')
+        if HISTORY.exists():
+            rows = [{k: float(v) for k, v in row.items() if v != ''} for row in csv.DictReader(HISTORY.open())]
+            print(f'{len(rows)} evaluations, steps {[int(r["step"]) for r in rows]}')
+        else:  # ScoreHistory's metric (default eval/geneval) was not among the run's evaluation rewards
+            rows = []
+            print('no eval_history.csv (set trainer.callbacks ScoreHistory metric to one of data.eval_rewards)')
 
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -240,7 +245,7 @@ EXPLORE = [
 
         figure, ((left, middle), (right, rollout_axis)) = plt.subplots(2, 2, figsize=(12, 6.5))
         minutes = [r['seconds'] / 60 for r in rows]
-        metrics = [k for k in rows[0] if k.startswith('eval/') and k.count('/') == 1]
+        metrics = [k for k in (rows[0] if rows else {}) if k.startswith('eval/') and k.count('/') == 1]
         other = left.twinx() if any('geneval' not in k for k in metrics) else None
         for key in metrics:
             axis = left if 'geneval' in key else other
@@ -250,7 +255,7 @@ EXPLORE = [
         left.legend(fontsize=7, loc='upper left')
         if other is not None:
             other.legend(fontsize=7, loc='lower right')
-        tasks = [k for k in rows[0] if k.startswith('eval/geneval/')]
+        tasks = [k for k in (rows[0] if rows else {}) if k.startswith('eval/geneval/')]
         for key in tasks:
             middle.plot([r['step'] for r in rows], [r[key] for r in rows], marker='.', label=key.split('/')[-1])
         middle.set_xlabel('optimizer step'); middle.set_ylabel('held-out GenEval per task'); middle.legend(fontsize=6)
@@ -278,7 +283,7 @@ EXPLORE = [
     code(
         """
         phases = {tag: scalars[tag] for tag in ('rollout/sampling_seconds', 'rollout/scoring_seconds', 'rollout/reward_wait_seconds') if tag in scalars}
-        if phases and len(rows) >= 1:
+        if phases and rows:
             total = rows[-1]['seconds']
             spent = {tag.split('/')[-1]: sum(values.values()) for tag, values in phases.items()}
             rollout = scalars.get('rollout/seconds', {})

@@ -24,3 +24,18 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     figures = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
     assert figures  # the figures were drawn
+
+
+def test_notebooks_match_their_generator():
+    """The committed notebooks (with their outputs) were executed from the cells in make_notebooks.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS[0].parent / "make_notebooks.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert sorted(f"{name}.ipynb" for name in generator.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        cells = nbformat.read(path, as_version=4).cells
+        expected = generator.NOTEBOOKS[path.stem]
+        assert [(c.cell_type, c.source) for c in cells] == [(c.cell_type, c.source) for c in expected], path.name
+        assert path.stat().st_size < 2_000_000, path.name
