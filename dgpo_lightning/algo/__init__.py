@@ -7,6 +7,7 @@ from .advantages import group_advantages, group_weights
 from .baselines import DPOStats, FlowGRPOStats, best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
 from .flow import denoising_error, flow_interpolate, velocity_target
 from .loss import DGPOStats, dgpo_group_weight, dgpo_loss
+from .nft import NFTStats, nft_loss, optimality_probability
 from .regularizers import ppo_clip_mask, velocity_kl
 from .timesteps import sample_timesteps, schedule_timesteps
 
@@ -14,6 +15,7 @@ __all__ = [
     "DGPOStats",
     "DPOStats",
     "FlowGRPOStats",
+    "NFTStats",
     "best_worst_pairs",
     "denoising_error",
     "dgpo_group_weight",
@@ -23,6 +25,8 @@ __all__ = [
     "flow_interpolate",
     "group_advantages",
     "group_weights",
+    "nft_loss",
+    "optimality_probability",
     "ppo_clip_mask",
     "sample_timesteps",
     "schedule_timesteps",

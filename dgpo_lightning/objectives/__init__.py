@@ -21,7 +21,7 @@ from dgpo_lightning.objectives.base import (
 from dgpo_lightning.objectives.batch import GroupBatch
 
 #: The registry's entries: importing each module registers its objective.
-BUILTIN = ("dgpo", "flow_grpo", "diffusion_dpo")
+BUILTIN = ("dgpo", "flow_grpo", "diffusion_dpo", "diffusion_nft")
 
 
 def _load_builtin() -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from dgpo_lightning import objectives
 from dgpo_lightning.cli import DGPOCLI
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -31,7 +32,7 @@ def test_config_parses(config, tmp_path):
     args = ["--config", str(config)] if standalone else ["--config", str(under), "--config", str(config)]
     # GPU configs are parsed on the CPU here; the accelerator is the only thing overridden.
     cli = parse(*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true")
-    assert cli.model.hparams.algorithm in ("dgpo", "flow_grpo", "diffusion_dpo")
+    assert cli.model.hparams.algorithm in objectives.BUILTIN
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
 
 
