@@ -29,7 +29,7 @@ class DGPOModule(L.LightningModule):
     Args:
         backbone: a registered backbone name (``world``, ``sd3``); ``model_path``: checkpoint dir /
             hub id (``None`` with ``world`` = the shipped base); ``backbone_options``: loader kwargs.
-        algorithm: a registered objective (``dgpo`` | ``flow_grpo`` | ``diffusion_dpo``);
+        algorithm: a registered objective (``dgpo`` | ``flow_grpo`` | ``diffusion_dpo`` | ``diffusion_nft``);
             ``algorithm_options``: that objective's own options.
         finetune: ``full`` (reference = frozen copy of the denoiser) or ``lora`` (peft adapter;
             reference = the same weights with the adapter disabled).
