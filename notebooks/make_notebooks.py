@@ -930,8 +930,8 @@ COMPARE = [
            and the time each run spent sampling, scoring and optimising.
 
         The committed outputs show the measured tables of `experiments/` and, for the curves and phases, a short demo
-        suite (`python experiments/run_ablations.py --suite speed --seeds 0 1 --minutes 0.5 --eval-every 2 --jobs 1
-        --out runs/notebook_suite`, about 30 s of training per run: what the plots look like, not a measurement; its
+        suite (`python experiments/run_ablations.py --suite speed --seeds 0 1 --minutes 1 --eval-every 1 --jobs 1
+        --out runs/notebook_suite`, about a minute of training per run: what the plots look like, not a measurement; its
         table is left out of the comparison unless `DGPO_SUITE_DIR` names it). With
         `DGPO_NOTEBOOK_TINY=1` (the tests) a tiny random model is trained for two epochs to stand in for a suite's
         run directory.
