@@ -224,12 +224,12 @@ def time_to_target(
 
 def plot_history(rows: list[dict[str, float]], metric: str, path: str | Path) -> None:
     """Two panels: ``metric`` versus training minutes and versus images generated."""
-    import matplotlib
+    # A bare Figure (no pyplot): writing the PNG never switches the backend of a notebook kernel
+    # that is fitting in process, so its inline figures keep showing.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = Figure(figsize=(10, 3.6))
+    by_time, by_images = figure.subplots(1, 2)
     minutes = [row["seconds"] / 60 for row in rows]
     images = [row["images"] for row in rows]
     scores = [row[metric] for row in rows]
@@ -242,4 +242,3 @@ def plot_history(rows: list[dict[str, float]], metric: str, path: str | Path) ->
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
