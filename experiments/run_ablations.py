@@ -34,6 +34,7 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("dgpo", []),
         ("flow_grpo", ["base/world_flow_grpo.yaml"]),
         ("diffusion_dpo", ["base/world_diffusion_dpo.yaml"]),
+        ("diffusion_nft", ["base/world_diffusion_nft.yaml"]),
     ],
     "sampler": [("ode", []), ("sde", ["ablations/sampler/sde.yaml"])],
     "t_min": [
