@@ -8,6 +8,7 @@ module builds them, runs the optimizer, logs and trims checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any, Literal
@@ -49,6 +50,9 @@ class DGPOModule(L.LightningModule):
         old_policy: keep the official recipe's fast EMA "old" policy (decay
             ``min(old_policy_decay_max, old_policy_decay_rate · step)``) for DGPO's clip, next to a
             frozen reference: three models, as the official training script runs.
+        old_policy_rollouts_after: from this optimizer step on, rollouts sample with the old
+            policy's weights instead of the online ones (the official recipe: 500 for GenEval, 200
+            for OCR and PickScore; ``None``: always the online weights). Needs ``old_policy``.
         train_guidance_scale: CFG scale of the velocities in the loss (the paper trains without CFG).
         reference_guidance_scale: CFG scale of the reference's velocities only (``None``: the same as
             ``train_guidance_scale``); the official ``kl_cfg`` mode with CFG-free rollouts.
@@ -91,6 +95,7 @@ class DGPOModule(L.LightningModule):
         old_policy: bool = False,
         old_policy_decay_max: float = 0.3,
         old_policy_decay_rate: float = 1e-3,
+        old_policy_rollouts_after: int | None = None,
         train_guidance_scale: float = 1.0,
         reference_guidance_scale: float | None = None,
         optimizer: OptimizerCallable | None = None,
@@ -132,6 +137,10 @@ class DGPOModule(L.LightningModule):
             "or model.reference=ema, or clip_range=null",
         )
         check(not old_policy or objective_class.uses_old_policy, "model.old_policy", old_policy, f"is not used by {algorithm}")
+        check(
+            old_policy_rollouts_after is None or (old_policy and isinstance(old_policy_rollouts_after, int) and old_policy_rollouts_after >= 0),
+            "model.old_policy_rollouts_after", old_policy_rollouts_after, "needs model.old_policy=true and an integer step >= 0",
+        )
         self.save_hyperparameters()
         # The callables themselves (under LightningCLI, hparams hold their configs instead).
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -213,6 +222,14 @@ class DGPOModule(L.LightningModule):
         from dgpo_lightning.models.sharding import shard_denoisers
 
         shard_denoisers((self.backbone.denoiser, self.reference.frozen), mesh["data_parallel"])
+
+    def rollout_weights(self):
+        """Context in which the datamodule samples rollouts: the old policy's weights from step
+        ``old_policy_rollouts_after`` on, else the online weights (a no-op context)."""
+        after = self.hparams.old_policy_rollouts_after
+        if self.old_policy is not None and after is not None and self.global_step >= after:
+            return self.old_policy.weights()
+        return contextlib.nullcontext()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.denoiser.parameters() if p.requires_grad]

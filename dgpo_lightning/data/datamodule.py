@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from typing import Any, Iterator, Literal
@@ -267,29 +268,32 @@ class RolloutDataModule(L.LightningDataModule):
         hp = self.hparams
         was_training = module.training
         module.eval()
+        # The module decides which weights sample (the official recipe switches to the old policy late).
+        rollout_weights = getattr(module, "rollout_weights", None)
         try:
-            for attempt in range(self.max_resamples + 1):
-                rollout = self.make_rollout(
-                    module.backbone, epoch=epoch, rank=rank, world_size=world_size,
-                    keep_trajectory=getattr(module, "needs_trajectory", False), attempt=attempt,
-                )
-                self.rollouts_done += 1
-                self.images_generated += hp.prompts_per_rank * hp.group_size * world_size
-                for phase, seconds in zip(ROLLOUT_PHASES, (rollout.seconds, rollout.sampling_seconds, rollout.scoring_seconds, rollout.reward_wait_seconds)):
-                    self.rollout_seconds[phase] += float(seconds)
-                groups = rollout.informative_groups() if hp.skip_zero_std_groups else None
-                batches = rollout.batches(hp.groups_per_batch, groups=groups, seed=self.rollout_seed(epoch, attempt) + rank)
-                # Every rank decides together (the minimum over ranks), so all resample alike.
-                batches = batches[: _min_over_ranks(len(batches))]
-                if batches:
-                    break
-                if attempt < self.max_resamples:
-                    warnings.warn(
-                        f"rollout of epoch {epoch}: all {rollout.num_groups} group(s) had equal rewards (no preference to "
-                        f"learn from, data.skip_zero_std_groups=true skips them); drawing a fresh rollout "
-                        f"({attempt + 1} of at most {self.max_resamples})",
-                        stacklevel=2,
+            with rollout_weights() if callable(rollout_weights) else contextlib.nullcontext():
+                for attempt in range(self.max_resamples + 1):
+                    rollout = self.make_rollout(
+                        module.backbone, epoch=epoch, rank=rank, world_size=world_size,
+                        keep_trajectory=getattr(module, "needs_trajectory", False), attempt=attempt,
                     )
+                    self.rollouts_done += 1
+                    self.images_generated += hp.prompts_per_rank * hp.group_size * world_size
+                    for phase, seconds in zip(ROLLOUT_PHASES, (rollout.seconds, rollout.sampling_seconds, rollout.scoring_seconds, rollout.reward_wait_seconds)):
+                        self.rollout_seconds[phase] += float(seconds)
+                    groups = rollout.informative_groups() if hp.skip_zero_std_groups else None
+                    batches = rollout.batches(hp.groups_per_batch, groups=groups, seed=self.rollout_seed(epoch, attempt) + rank)
+                    # Every rank decides together (the minimum over ranks), so all resample alike.
+                    batches = batches[: _min_over_ranks(len(batches))]
+                    if batches:
+                        break
+                    if attempt < self.max_resamples:
+                        warnings.warn(
+                            f"rollout of epoch {epoch}: all {rollout.num_groups} group(s) had equal rewards (no preference to "
+                            f"learn from, data.skip_zero_std_groups=true skips them); drawing a fresh rollout "
+                            f"({attempt + 1} of at most {self.max_resamples})",
+                            stacklevel=2,
+                        )
         finally:
             module.train(was_training)
         self.last_rollout = rollout

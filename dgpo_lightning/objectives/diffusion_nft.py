@@ -24,8 +24,9 @@ adaptively weighted x0-regression errors (:func:`dgpo_lightning.algo.nft_loss`,
 - CFG-free: rollouts at guidance 1 (``sample.guidance_scale=1.0``) and the losses without CFG; any
   solver (official: deterministic ``dpm2``, 10 steps), so ``needs`` asks for no SDE and no trajectory.
 
-Differences from the official script, by design of this framework: the rollouts come from the online
-policy (the official samples with the old adapter), timesteps are drawn ``t ~ U[t_min, t_max]``
+Rollouts sample with the old policy as the official script does when ``model.old_policy_rollouts_after:
+0`` (``experiments/base/world_diffusion_nft.yaml`` sets it). Differences from the official script,
+by design of this framework: timesteps are drawn ``t ~ U[t_min, t_max]``
 (official: ``int(0.99·num_steps)`` of the sampler's own timesteps per sample, fresh noise per sample).
 """
 

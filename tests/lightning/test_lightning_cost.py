@@ -75,3 +75,48 @@ def test_time_to_target_reads_the_first_row_that_reaches_it(tmp_path):
     assert time_to_target(rows, "eval/geneval", 0.5) is None
     with pytest.raises(KeyError, match="eval/ocr"):
         time_to_target(rows, "eval/ocr", 0.5)
+
+
+def test_rollouts_switch_to_the_old_policy_from_the_configured_step(tmp_path, tiny_world_path):
+    """model.old_policy_rollouts_after: the official recipe's late switch of rollouts to θ_old."""
+    import torch
+
+    from dgpo_lightning.errors import ConfigError
+
+    module = DGPOModule(
+        model_path=str(tiny_world_path), finetune="lora", lora_rank=4, lr=1e-2, clip_range=0.05,
+        old_policy=True, old_policy_decay_max=0.9, old_policy_decay_rate=0.5, old_policy_rollouts_after=2,
+    )
+    data = make_data()
+    seen = []  # per rollout: (step, sampled with θ_old, sampled with the online weights)
+    make_rollout = data.make_rollout
+
+    def recording(backbone, **kwargs):
+        trained = [p for p in backbone.denoiser.parameters() if p.requires_grad]
+        old = list(module.old_policy.averaged)
+        seen.append((
+            module.global_step,
+            all(torch.equal(p, o) for p, o in zip(trained, old)),
+            all(torch.equal(p, q) for p, q in zip(trained, online_at_step[-1])),
+        ))
+        return make_rollout(backbone, **kwargs)
+
+    online_at_step = []
+    data.make_rollout = recording
+    original = data.train_dataloader
+
+    def dataloader():
+        online_at_step.append([p.detach().clone() for p in module.backbone.denoiser.parameters() if p.requires_grad])
+        return original()
+
+    data.train_dataloader = dataloader
+    make_trainer(tmp_path, max_epochs=4).fit(module, data)
+    assert [step for step, _, _ in seen] == [0, 2, 4, 6]  # two optimizer steps per epoch
+    # Before step 2 the online weights sample; from step 2 on θ_old does, and it differs from them.
+    assert seen[0][2]
+    assert all(old for _, old, _ in seen[1:]) and not any(online for _, _, online in seen[1:])
+    # The online weights are back for training after each rollout.
+    assert all(not torch.equal(p, o) for p, o in zip(
+        [p for p in module.backbone.denoiser.parameters() if p.requires_grad], module.old_policy.averaged))
+    with pytest.raises(ConfigError, match="model.old_policy_rollouts_after"):
+        DGPOModule(model_path=str(tiny_world_path), old_policy_rollouts_after=10)

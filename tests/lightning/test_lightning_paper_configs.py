@@ -98,6 +98,7 @@ def test_paper_config_starts_a_run_on_the_tiny_sd3(task, cfg_free, assets, tmp_p
     # The recipe's values reached the objects that run (not only the YAML).
     assert hp.beta == recipe["model"]["beta"] and hp.kl_beta == recipe["model"]["kl_beta"]
     assert hp.t_min == recipe["model"]["t_min"] and hp.old_policy and cli.model.old_policy is not None
+    assert hp.old_policy_rollouts_after == (500 if task == "geneval" else 200)
     assert data.advantage_clip == 5.0 and data.advantage_std == recipe["data"]["advantage_std"]
     assert list(data.rewards) == [task]
     if cfg_free:
