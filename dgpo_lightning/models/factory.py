@@ -19,6 +19,8 @@ BUILTIN_BACKBONES: dict[str, str] = {
     "qwen_image": "dgpo_lightning.models.qwen_image:load_backbone",
     "sana": "dgpo_lightning.models.sana:load_backbone",
     "z_image": "dgpo_lightning.models.z_image:load_backbone",
+    "wan": "dgpo_lightning.models.wan:load_backbone",  # Wan 2.1 text-to-video
+    "world_video": "dgpo_lightning.world.video.backbone:load_backbone",  # the embedded video world
 }
 
 #: Kept for callers that list the built-in names.

@@ -219,6 +219,19 @@ def _read_options(file: Path) -> dict[str, Any]:
     return options
 
 
+def shipped_checkpoint(path: str | Path | None) -> Path:
+    """``None`` → the shipped base; ``"world:NAME"`` → the shipped checkpoint ``NAME``; else ``path``."""
+    if path is None:
+        return BASE_CHECKPOINT
+    if isinstance(path, str) and path.startswith("world:"):
+        name = path.removeprefix("world:")
+        shipped = sorted(p.name for p in BASE_CHECKPOINT.parent.iterdir() if p.is_dir())
+        if name not in shipped:
+            raise FileNotFoundError(f"{path!r}: no shipped world checkpoint {name!r}; shipped: {', '.join(shipped)}")
+        return BASE_CHECKPOINT.parent / name
+    return Path(path)
+
+
 def load_backbone(
     path: str | Path | None = None,
     *,
@@ -226,12 +239,13 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     guidance_scale: float | None = None,
 ) -> WorldBackbone:
-    """Load a backbone saved by :func:`save_backbone`; ``path=None`` is the shipped base.
+    """Load a backbone saved by :func:`save_backbone`; ``path=None`` is the shipped base and
+    ``"world:NAME"`` a shipped checkpoint by name (``world:base``, ``world:student4``).
 
     The returned model is in eval mode with all parameters frozen (``requires_grad=False``); callers
     that train unfreeze what they train. ``guidance_scale`` overrides the stored default.
     """
-    path = Path(path) if path is not None else BASE_CHECKPOINT
+    path = shipped_checkpoint(path)
     if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
         raise FileNotFoundError(f"{path} is not a world backbone checkpoint (needs unet/ and text_encoder/)")
     options = _read_options(path / BACKBONE_FILE)
