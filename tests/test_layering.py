@@ -129,7 +129,10 @@ def _part(module: str) -> str:
 
 
 #: Modules ranked apart from their part: command-line entry points sit with the application layer.
-ENTRY_POINTS = {"dgpo_lightning.world.pretrain": 7}  # `python -m dgpo_lightning.world.pretrain` evaluates as it trains
+ENTRY_POINTS = {  # command-line entry points that evaluate as they train
+    "dgpo_lightning.world.pretrain": 7,  # python -m dgpo_lightning.world.pretrain
+    "dgpo_lightning.world.distill": 7,  # python -m dgpo_lightning.world.distill
+}
 
 
 def _layer(module: str) -> int:
