@@ -9,6 +9,7 @@ module builds them, runs the optimizer, logs and trims checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from typing import Any, Literal
@@ -24,13 +25,26 @@ from dgpo_lightning.errors import check
 from dgpo_lightning.objectives import GroupBatch, TrainContext, TrainingSettings
 
 
+def _MovingAverage(model: nn.Module) -> nn.Module:
+    """An EMA of ``model``'s trainable tensors whose decay the caller gives each time
+    (``AuxiliarySetup.moving_average``): the old policy's weight swap, another schedule."""
+    from dgpo_lightning.models.ema import ema_update_
+    from dgpo_lightning.models.reference import OldPolicy
+
+    class MovingAverage(OldPolicy):
+        def update_with(self, decay: float) -> None:
+            ema_update_(list(self.averaged), self._trained(), decay)
+
+    return MovingAverage(model, decay_max=0.0, decay_rate=0.0)
+
+
 class DGPOModule(L.LightningModule):
     """Online RL fine-tuning of a text-to-image flow model with DGPO (or a baseline).
 
     Args:
         backbone: a registered backbone name (``world``, ``sd3``); ``model_path``: checkpoint dir /
             hub id (``None`` with ``world`` = the shipped base); ``backbone_options``: loader kwargs.
-        algorithm: a registered objective (``dgpo`` | ``flow_grpo`` | ``diffusion_dpo`` | ``diffusion_nft``);
+        algorithm: a registered objective (``dgpo`` | ``flow_grpo`` | ``diffusion_dpo`` | ``diffusion_nft`` | ``tdm_r1``);
             ``algorithm_options``: that objective's own options.
         finetune: ``full`` (reference = frozen copy of the denoiser) or ``lora`` (peft adapter;
             reference = the same weights with the adapter disabled).
@@ -151,6 +165,10 @@ class DGPOModule(L.LightningModule):
         self.backbone: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.old_policy: nn.Module | None = None
+        #: The objective's auxiliary models (``Objective.auxiliary_models``), built in configure_model.
+        self.auxiliary: nn.ModuleDict | None = None
+        self.auxiliary_specs: dict[str, Any] = {}
+        self._standalone_optimizers: list[torch.optim.Optimizer] | None = None
         # Checkpoints hold only what training changes (frozen weights are reloaded from model_path).
         self.strict_loading = False
         self.last_eval: dict[str, float] = {}
@@ -188,6 +206,7 @@ class DGPOModule(L.LightningModule):
         backbone = load_backbone(hp.backbone, hp.model_path, **(hp.backbone_options or {}))
         backbone.requires_grad_(False)
         denoiser = backbone.denoiser
+        self._build_auxiliary(backbone)
         if hp.finetune == "lora":
             from dgpo_lightning.models.lora import add_lora
 
@@ -207,6 +226,37 @@ class DGPOModule(L.LightningModule):
         self.backbone = backbone
         self._shard()
 
+    def _build_auxiliary(self, backbone) -> None:
+        """The objective's auxiliary models, from the freshly loaded (adapter-free) backbone."""
+        from dgpo_lightning.models.factory import load_backbone
+        from dgpo_lightning.objectives.base import AuxiliarySetup
+
+        hp = self.hparams
+
+        def load_denoiser(path: str) -> nn.Module:
+            return load_backbone(hp.backbone, path, **(hp.backbone_options or {})).denoiser.requires_grad_(False)
+
+        targets = hp.lora_targets or getattr(backbone, "lora_targets", None) or None
+
+        def trainable_copy(denoiser: nn.Module, finetune: str = "full", rank: int = 8, alpha: float | None = None) -> nn.Module:
+            model = copy.deepcopy(denoiser).requires_grad_(False)
+            if finetune == "full":
+                return model.requires_grad_(True)
+            from dgpo_lightning.models.lora import add_lora
+
+            add_lora(model, rank=rank, alpha=alpha, target_modules=targets)
+            return model
+
+        setup = AuxiliarySetup(backbone, load_denoiser, trainable_copy, _MovingAverage, targets)
+        specs = self.objective.auxiliary_models(setup)
+        if not specs:
+            return
+        self.auxiliary_specs = dict(specs)
+        self.auxiliary = nn.ModuleDict({name: spec.module for name, spec in specs.items()})
+        for name, spec in specs.items():
+            if spec.trained and not any(p.requires_grad for p in spec.module.parameters()):
+                raise RuntimeError(f"auxiliary model {name!r} of {hp.algorithm} is declared trained but has no trainable parameters")
+
     def _shard(self) -> None:
         """FSDP2: shard the denoiser (and the reference copy) over the data-parallel mesh.
 
@@ -219,6 +269,7 @@ class DGPOModule(L.LightningModule):
             return
         check(not self.hparams.offload_reference, "model.offload_reference", True, "is not supported with FSDP sharding")
         check(self.old_policy is None, "model.old_policy", True, "is not supported with FSDP sharding yet")
+        check(self.auxiliary is None, "model.algorithm", self.hparams.algorithm, "has auxiliary models, not supported with FSDP sharding yet")
         from dgpo_lightning.models.sharding import shard_denoisers
 
         shard_denoisers((self.backbone.denoiser, self.reference.frozen), mesh["data_parallel"])
@@ -235,6 +286,9 @@ class DGPOModule(L.LightningModule):
         return [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
+        """The online model's optimizer (and scheduler), then one AdamW per trained auxiliary model
+        with ``lr_scale ×`` the online optimizer's learning rate (Lightning checkpoints them all; the
+        scheduler drives the online optimizer only)."""
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError("no trainable parameters: check model.finetune / model.lora_targets")
@@ -243,9 +297,52 @@ class DGPOModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             optimizer = self.optimizer_factory(params)
+        auxiliary = self._auxiliary_optimizers(optimizer.param_groups[0]["lr"])
         if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+            return [optimizer, *auxiliary] if auxiliary else optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+        if auxiliary:
+            return [optimizer, *auxiliary], [scheduler]
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _auxiliary_optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        optimizers = []
+        for name, spec in self.auxiliary_specs.items():
+            if not spec.trained:
+                continue
+            params = [p for p in spec.module.parameters() if p.requires_grad]
+            decay = hp.weight_decay if spec.weight_decay is None else spec.weight_decay
+            optimizers.append(torch.optim.AdamW(params, lr=lr * spec.lr_scale, betas=tuple(spec.betas), weight_decay=decay))
+        return optimizers
+
+    def auxiliary_optimizer(self, name: str) -> torch.optim.Optimizer:
+        """The (plain torch) optimizer of trained auxiliary model ``name``: Lightning's under a
+        Trainer, else built once from ``configure_optimizers`` (use outside a Trainer)."""
+        trained = [n for n, spec in self.auxiliary_specs.items() if spec.trained]
+        if name not in trained:
+            raise KeyError(f"{self.hparams.algorithm} has no trained auxiliary model {name!r} (trained: {trained})")
+        if self._trainer is not None:
+            optimizers = self.optimizers(use_pl_optimizer=False)
+        else:
+            if self._standalone_optimizers is None:
+                configured = self.configure_optimizers()
+                self._standalone_optimizers = list(configured[0] if isinstance(configured, tuple) else configured)
+            optimizers = self._standalone_optimizers
+        return optimizers[1 + trained.index(name)]
+
+    def _step_auxiliary(self, name: str) -> None:
+        optimizer = self.auxiliary_optimizer(name)
+        clip = self.hparams.grad_clip
+        if clip is not None:
+            if self._trainer is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            else:
+                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+        # The plain optimizer, not Lightning's wrapper: trainer.global_step counts the online model's
+        # steps only (max_steps, schedules and the per-step draws stay those of the other objectives).
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _offload_idle(self) -> None:
         """Undo the Trainer's move of the whole module to the accelerator for offloaded parts."""
@@ -291,6 +388,8 @@ class DGPOModule(L.LightningModule):
             seed=self.hparams.seed,
             step=self.global_step,
             device=self.device,
+            auxiliary=dict(self.auxiliary.items()) if self.auxiliary is not None else None,
+            step_auxiliary=self._step_auxiliary if any(spec.trained for spec in self.auxiliary_specs.values()) else None,
         )
 
     def backward_step(self, batch: GroupBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -301,6 +400,8 @@ class DGPOModule(L.LightningModule):
 
     def training_step(self, batch: GroupBatch, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
+        if isinstance(optimizer, list):  # the online model's comes first, then the auxiliary models'
+            optimizer = optimizer[0]
         optimizer.zero_grad(set_to_none=True)
         loss, logs = self.backward_step(batch)
         if self.hparams.grad_clip is not None:
@@ -338,6 +439,9 @@ class DGPOModule(L.LightningModule):
         frozen = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if not p.requires_grad}
         if not self.reference.moves:
             frozen |= {f"reference.{name}" for name, _ in self.reference.named_parameters()}
+        for name, spec in self.auxiliary_specs.items():
+            if not spec.checkpoint_frozen:  # a teacher, the base under an adapter: rebuilt by configure_model
+                frozen |= {f"auxiliary.{name}.{key}" for key, p in spec.module.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -349,6 +453,11 @@ class DGPOModule(L.LightningModule):
         missing_trainable = [
             f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad and f"backbone.{n}" not in checkpoint["state_dict"]
         ]
+        for name, spec in self.auxiliary_specs.items():
+            missing_trainable += [
+                f"auxiliary.{name}.{n}" for n, p in spec.module.named_parameters()
+                if (p.requires_grad or spec.checkpoint_frozen) and f"auxiliary.{name}.{n}" not in checkpoint["state_dict"]
+            ]
         unexpected = [k for k in checkpoint["state_dict"] if k not in own]
         if missing_trainable or unexpected:
             raise RuntimeError(
@@ -382,6 +491,14 @@ class DGPOModule(L.LightningModule):
             )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         sampler = getattr(getattr(datamodule, "hparams", None), "sampler", None)
+        from dgpo_lightning.objectives.base import Objective
+
+        # Before configure_model: whether the objective declares auxiliary models at all.
+        if type(self.objective).auxiliary_models is not Objective.auxiliary_models and self._trainer is not None:
+            check(precision not in ("16-mixed", "16"), "trainer.precision", precision,
+                  f"is not supported by {self.hparams.algorithm}'s auxiliary optimizers (they step outside the grad scaler); use bf16-mixed or 32-true")
+            check(int(getattr(self.trainer, "world_size", 1) or 1) == 1, "trainer.devices", getattr(self.trainer, "world_size", None),
+                  f"{self.hparams.algorithm} trains auxiliary models with several backward passes per step, on one device only for now")
         check(self.objective.needs.sampler != "sde" or sampler in (None, "sde"), "data.sampler", sampler,
               f"cannot train {self.hparams.algorithm}: it needs SDE rollouts (data.sampler=sde)")
         if datamodule is None or not hasattr(datamodule, "eval_reward_names") or hasattr(self, "eval_metrics"):

@@ -9,6 +9,8 @@ import importlib
 from typing import Any
 
 from dgpo_lightning.objectives.base import (
+    Auxiliary,
+    AuxiliarySetup,
     Objective,
     RolloutNeeds,
     StepOutput,
@@ -21,7 +23,7 @@ from dgpo_lightning.objectives.base import (
 from dgpo_lightning.objectives.batch import GroupBatch
 
 #: The registry's entries: importing each module registers its objective.
-BUILTIN = ("dgpo", "flow_grpo", "diffusion_dpo", "diffusion_nft")
+BUILTIN = ("dgpo", "flow_grpo", "diffusion_dpo", "diffusion_nft", "tdm_r1")
 
 
 def _load_builtin() -> None:
@@ -49,6 +51,8 @@ def build(name: str, settings: TrainingSettings, **options: Any) -> Objective:
 
 
 __all__ = [
+    "Auxiliary",
+    "AuxiliarySetup",
     "BUILTIN",
     "GroupBatch",
     "Objective",

@@ -9,6 +9,12 @@ function; it never imports Lightning.
 Adding an algorithm: one file in this package with an :class:`Objective` subclass decorated with
 ``@register("name")``, its entry in ``objectives/__init__.py``, a YAML with ``model.algorithm: name``
 (its own options under ``model.algorithm_options``) and its tests.
+
+Auxiliary models. An objective that trains or reads models besides the online one (TDM-R1: a frozen
+teacher, a fake score, a surrogate reward and its EMA) declares them in
+:meth:`Objective.auxiliary_models`; the module builds them once with the backbone, keeps them in its
+state dict (checkpoints, resume, device moves), gives each trained one an AdamW optimizer and lets the
+objective step it inside :meth:`Objective.step` with :meth:`TrainContext.step_auxiliary`.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ import math
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Literal, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Literal, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dgpo_lightning.errors import check
 from dgpo_lightning.algo import flow_interpolate, sample_timesteps, velocity_target
@@ -86,6 +92,58 @@ class TrainingSettings:
         check(self.micro_batch_size is None or self.micro_batch_size >= 1, "model.micro_batch_size", self.micro_batch_size, "must be >= 1 or null")
 
 
+@dataclass
+class Auxiliary:
+    """A model an objective trains or reads besides the online backbone.
+
+    Attributes:
+        module: the model (for a denoiser: called through :meth:`TrainContext.denoiser_velocity`);
+            its trained tensors are those with ``requires_grad``.
+        lr_scale: trained models: AdamW with ``lr = lr_scale ×`` the online optimizer's learning rate;
+            ``None``: not trained (no optimizer).
+        betas: that AdamW's betas.
+        weight_decay: that AdamW's weight decay (``None``: ``model.weight_decay``).
+        checkpoint_frozen: keep the module's frozen tensors in checkpoints because training changes
+            them (an EMA copy). Otherwise frozen tensors are rebuilt from disk by ``configure_model``
+            (a teacher, the base under an adapter) and trimmed from checkpoints like the backbone's.
+    """
+
+    module: nn.Module
+    lr_scale: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float | None = None
+    checkpoint_frozen: bool = False
+
+    @property
+    def trained(self) -> bool:
+        return self.lr_scale is not None
+
+
+@dataclass(frozen=True)
+class AuxiliarySetup:
+    """What :meth:`Objective.auxiliary_models` may build from.
+
+    Attributes:
+        backbone: the loaded backbone *before* any adapter is added: its ``denoiser`` holds the
+            starting weights (``model.model_path``), frozen.
+        load_denoiser: ``path -> denoiser``: another checkpoint through the same backbone loader and
+            options, frozen (a teacher).
+        trainable_copy: ``(denoiser, finetune, rank, alpha) -> copy``: a deep copy of ``denoiser``,
+            entirely trainable (``finetune="full"``) or frozen with a fresh LoRA adapter of that rank
+            and alpha (``"lora"``, the online model's targets; ``alpha=None``: ``2·rank``).
+        moving_average: ``model -> average``: an EMA of ``model``'s trainable tensors, with a
+            ``weights()`` context that swaps them into ``model`` (no gradients) and
+            ``update_with(decay)`` (``θ̄ ← decay·θ̄ + (1 − decay)·θ``).
+        lora_targets: the LoRA targets the online model uses (``None``: the backbone's defaults).
+    """
+
+    backbone: Backbone
+    load_denoiser: Callable[[str], nn.Module]
+    trainable_copy: Callable[..., nn.Module]
+    moving_average: Callable[[nn.Module], nn.Module]
+    lora_targets: Sequence[str] | None = None
+
+
 class TrainContext:
     """The models and hooks an objective uses for one optimizer step.
 
@@ -98,6 +156,9 @@ class TrainContext:
             micro-batch); ``None``: nothing to defer.
         seed, step: the run seed and the optimizer step (all draws are functions of them).
         device: where the online model computes.
+        auxiliary: the objective's auxiliary models by name (:meth:`Objective.auxiliary_models`).
+        step_auxiliary: ``name -> None``: clip the gradients of auxiliary model ``name``, step its
+            optimizer and zero its gradients (``None``: the objective has no trained auxiliary model).
     """
 
     def __init__(
@@ -111,8 +172,12 @@ class TrainContext:
         seed: int = 0,
         step: int = 0,
         device: torch.device | str | None = None,
+        auxiliary: Mapping[str, nn.Module] | None = None,
+        step_auxiliary: Callable[[str], None] | None = None,
     ):
         self.backbone = backbone
+        self.auxiliary: Mapping[str, nn.Module] = dict(auxiliary or {})
+        self._step_auxiliary = step_auxiliary
         self.reference_velocity = reference_velocity
         self.old_velocity = old_velocity
         self.backward = backward
@@ -127,6 +192,28 @@ class TrainContext:
     def velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """``v_θ(x_t, t, c)`` of the online model (with gradients)."""
         return self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
+
+    def denoiser_velocity(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        """``v(x_t, t, c)`` of another denoiser of the backbone's architecture (an auxiliary model),
+        computed by the backbone (its text conditioning, CFG and time scale) with ``denoiser`` swapped
+        in; gradients flow into ``denoiser`` unless the caller is under ``no_grad``."""
+        online = self.backbone.denoiser
+        self.backbone.denoiser = denoiser
+        try:
+            return self.backbone.velocity(x_t, t, cond, guidance_scale=guidance_scale)
+        finally:
+            self.backbone.denoiser = online
+
+    def step_auxiliary(self, name: str, loss: Tensor | None = None) -> None:
+        """Back-propagate ``loss`` (when given; earlier ``backward`` calls accumulate), then clip, step
+        and zero the gradients of the trained auxiliary model ``name``."""
+        if name not in self.auxiliary:
+            raise KeyError(f"no auxiliary model {name!r}; the objective declared {sorted(self.auxiliary)}")
+        if self._step_auxiliary is None:
+            raise RuntimeError("this TrainContext was built without step_auxiliary (no auxiliary optimizers)")
+        if loss is not None:
+            self.backward(loss)
+        self._step_auxiliary(name)
 
 
 @dataclass
@@ -154,6 +241,11 @@ class Objective(ABC):
         if options:
             raise ValueError(f"model.algorithm_options: {self.name} takes no options {sorted(options)}")
         self.settings = settings
+
+    def auxiliary_models(self, setup: AuxiliarySetup) -> dict[str, Auxiliary]:
+        """The extra models this objective trains or reads (none by default). Called once, by the
+        module's ``configure_model``, before the online model gets its adapter."""
+        return {}
 
     @abstractmethod
     def step(self, batch: GroupBatch, ctx: TrainContext) -> StepOutput:
@@ -296,6 +388,8 @@ def _concat(parts: list[Any]) -> Any:
 
 
 __all__ = [
+    "Auxiliary",
+    "AuxiliarySetup",
     "Objective",
     "RolloutNeeds",
     "StepOutput",
