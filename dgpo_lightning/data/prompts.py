@@ -1,6 +1,7 @@
 """Prompt datasets: GenEval-format jsonl (prompt + metadata) or plain text, and per-epoch prompt draws.
 
-``"world:train"`` / ``"world:test"`` name the embedded world's shipped splits.
+``"world:train"`` / ``"world:test"`` name the embedded world's shipped splits, ``"world_video:train"`` /
+``"world_video:validation"`` / ``"world_video:test"`` the video world's.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from typing import Any, Sequence
 import torch
 
 WORLD_PREFIX = "world:"
+WORLD_VIDEO_PREFIX = "world_video:"
 
 
 def resolve_prompt_path(spec: str | Path) -> Path:
-    """Path of a prompt file; ``world:<split>`` resolves to the embedded world's shipped split."""
+    """Path of a prompt file; ``world:<split>`` / ``world_video:<split>`` resolve to the embedded
+    (video) world's shipped split."""
     text = str(spec)
+    if text.startswith(WORLD_VIDEO_PREFIX):
+        from dgpo_lightning.world.video.scene import prompt_file as video_prompt_file
+
+        return video_prompt_file(text[len(WORLD_VIDEO_PREFIX) :])
     if text.startswith(WORLD_PREFIX):
         from dgpo_lightning.world.scene import prompt_file
 

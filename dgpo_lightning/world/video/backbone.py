@@ -1,0 +1,151 @@
+"""The video world's text-to-video flow model behind the Backbone protocol (video contract).
+
+Latents are the clip itself in ``[-1, 1]``, ``[B, C=3, F, 32, 32]`` (``latent_shape() == (3, F, 32,
+32)``); ``decode`` returns videos ``[B, F, 3, H, W]`` in ``[0, 1]`` and ``encode`` is its inverse.
+
+The denoiser is the image world's UNet design (:mod:`dgpo_lightning.world.backbone`) on the frames
+stacked in channels: ``x [B, 3, F, 32, 32] → [B, 3F, 32, 32] → 2×2 pixel-unshuffle → [B, 12F, 16,
+16]`` → ``UNet2DConditionModel`` (timestep ``1000 t``, cross-attention to the text encoder) → the
+inverse reshapes. Every layer sees all frames, so motion is modelled by the first convolution and
+on. The text encoder is the image world's :class:`~dgpo_lightning.world.model.WorldTextEncoder`
+with the video words added to its vocabulary. CFG, saving (:func:`save_backbone`, the image world's
+format plus ``num_frames`` in ``backbone.json``) and freezing follow the image world.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+
+from dgpo_lightning.models.backbone import Conditioning
+from dgpo_lightning.world.backbone import BACKBONE_FILE, DEFAULT_UNET, WorldBackbone, _read_options
+from dgpo_lightning.world.backbone import save_backbone as _save_world_backbone
+from dgpo_lightning.world.model import WorldTextEncoder, world_vocabulary
+from dgpo_lightning.world.video.prompts import VIDEO_WORDS
+from dgpo_lightning.world.video.scene import FRAMES, SIZE
+
+#: The shipped video base.
+BASE_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "base"
+DEFAULT_OPTIONS: dict[str, Any] = {"guidance_scale": 1.0, "shift": 3.0, "patch_size": 2}
+DEFAULT_TEXT_ENCODER: dict[str, Any] = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "max_length": 16}
+#: Widths of the shipped video UNet (see checkpoints/base/MODEL_CARD.md for the measured alternatives).
+DEFAULT_CHANNELS: tuple[int, ...] = (32, 64, 64)
+
+
+def video_vocabulary() -> list[str]:
+    """The image world's vocabulary plus the video prompts' words (special tokens first)."""
+    words = world_vocabulary()
+    return words[:3] + sorted(set(words[3:]) | set(VIDEO_WORDS))
+
+
+class VideoWorldBackbone(WorldBackbone):
+    """Text-conditional rectified-flow model of the video world (``is_video = True``).
+
+    Args:
+        unet: ``UNet2DConditionModel`` with ``in_channels = out_channels = 3 · F · p²``.
+        text_encoder, guidance_scale, shift, patch_size: as :class:`~dgpo_lightning.world.backbone.WorldBackbone`.
+        num_frames: ``F``; must match the UNet's channels.
+    """
+
+    is_video = True
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: WorldTextEncoder, *, num_frames: int = FRAMES, **options: Any):
+        super().__init__(unet, text_encoder, **options)
+        p = self.patch_size
+        if unet.config.in_channels != 3 * num_frames * p * p:
+            raise ValueError(
+                f"unet.in_channels={unet.config.in_channels} != 3 · num_frames · patch_size² = {3 * num_frames * p * p}"
+            )
+        self.num_frames = int(num_frames)
+
+    def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """``[B, 3, F, H, W]`` → frames stacked in channels → the image world's UNet call → back."""
+        if x_t.ndim != 5:
+            raise ValueError(f"expected video latents [B, 3, F, H, W], got {tuple(x_t.shape)}")
+        b, c, f, h, w = x_t.shape
+        return super()._unet(x_t.reshape(b, c * f, h, w), t, cond).reshape(b, c, f, h, w)
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
+        """``v(x_t, t, c)`` for ``x_t [B, 3, F, 32, 32]``, ``t [B]`` in ``[0, 1]`` (CFG as the image world)."""
+        return super().velocity(x_t, t, cond, guidance_scale)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, F, h, w) = (3, F, 32, 32)``."""
+        size = self.denoiser.config.sample_size * self.patch_size
+        return (3, self.num_frames, size, size)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[B, 3, F, H, W]`` in ``[-1, 1]`` → videos ``[B, F, 3, H, W]``, ``((x + 1)/2).clamp(0, 1)``."""
+        return ((latents.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+    def encode(self, videos: Tensor) -> Tensor:
+        """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` → latents ``[B, 3, F, H, W]`` = ``2 v − 1``."""
+        return videos.permute(0, 2, 1, 3, 4) * 2 - 1
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "num_frames": self.num_frames}
+
+
+def build_backbone(
+    unet: dict[str, Any] | None = None, text_encoder: dict[str, Any] | None = None, *, num_frames: int = FRAMES, **options: Any
+) -> VideoWorldBackbone:
+    """A randomly initialised :class:`VideoWorldBackbone`; ``unet``/``text_encoder`` override the defaults."""
+    encoder = WorldTextEncoder(**{"vocab": video_vocabulary(), **DEFAULT_TEXT_ENCODER, **(text_encoder or {})})
+    options = {**DEFAULT_OPTIONS, **options}
+    p = int(options["patch_size"])
+    channels = 3 * num_frames * p * p
+    unet_config = {
+        **DEFAULT_UNET,
+        "block_out_channels": DEFAULT_CHANNELS,
+        "sample_size": SIZE // p,
+        "in_channels": channels,
+        "out_channels": channels,
+        "cross_attention_dim": encoder.config.hidden_dim,
+        **(unet or {}),
+    }
+    return VideoWorldBackbone(UNet2DConditionModel(**unet_config), encoder, num_frames=num_frames, **options)
+
+
+def tiny_backbone(**options: Any) -> VideoWorldBackbone:
+    """A very small random video backbone with the shipped structure (tests, CI)."""
+    return build_backbone(
+        unet={"block_out_channels": (8, 16, 16), "norm_num_groups": 4, "attention_head_dim": 4},
+        text_encoder={"hidden_dim": 16, "num_layers": 1, "num_heads": 2},
+        **options,
+    )
+
+
+def save_backbone(backbone: VideoWorldBackbone, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``backbone`` as the image world does (``unet/``, ``text_encoder/``, ``backbone.json``
+    with ``num_frames``)."""
+    return _save_world_backbone(backbone, path, dtype=dtype)
+
+
+def load_backbone(
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    guidance_scale: float | None = None,
+) -> VideoWorldBackbone:
+    """Load a video backbone saved by :func:`save_backbone`; ``path=None`` is the shipped video base.
+
+    Frozen and in eval mode, like :func:`dgpo_lightning.world.backbone.load_backbone`.
+    """
+    path = Path(path) if path is not None else BASE_CHECKPOINT
+    if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
+        raise FileNotFoundError(f"{path} is not a video world checkpoint (needs unet/ and text_encoder/)")
+    options = _read_options(path / BACKBONE_FILE)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+    encoder = WorldTextEncoder.from_pretrained(path / "text_encoder", torch_dtype=dtype)
+    if guidance_scale is not None:
+        options["guidance_scale"] = guidance_scale
+    p = int(options.get("patch_size", 1))
+    options.setdefault("num_frames", unet.config.in_channels // (3 * p * p))
+    known = {"guidance_scale", "shift", "patch_size", "num_frames"}
+    backbone = VideoWorldBackbone(unet, encoder, **{k: v for k, v in options.items() if k in known})
+    return backbone.to(device).eval().requires_grad_(False)

@@ -1,0 +1,141 @@
+"""The video world's backbone: the video contract's shapes, the frames-in-channels UNet call
+recomputed by hand, CFG, save/load, and DGPO steps through the Lightning module."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from dgpo_lightning.models.backbone import Backbone
+from dgpo_lightning.models.factory import load_backbone as factory_load
+from dgpo_lightning.rewards.base import _REGISTRY, register
+from dgpo_lightning.world.video.backbone import BASE_CHECKPOINT, load_backbone, save_backbone, tiny_backbone
+
+if "test_video_brightness" not in _REGISTRY:
+
+    @register("test_video_brightness")
+    def _video_brightness(**_):
+        """Mean pixel value of a video: spread even for an untrained model (tests only)."""
+        return lambda videos, prompts, metadata=None: videos.mean(dim=(1, 2, 3, 4))
+
+
+PROMPTS = ["a video of a red circle moving left", "a video of two squares moving up"]
+
+
+@pytest.fixture(scope="module")
+def tiny_video_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_video")
+    save_backbone(tiny_backbone(), path)
+    return path
+
+
+def _unet_input_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, F, 32, 32]`` → ``[B, 12F, 16, 16]``: channel ``(c·F + f)·4 + 2·dy + dx`` holds pixel
+    ``(2i + dy, 2j + dx)`` of channel c, frame f (frames stacked in channels, then 2×2 unshuffle)."""
+    b, c, f, h, w = x.shape
+    out = torch.empty(b, c * f * 4, h // 2, w // 2)
+    for ci in range(c):
+        for fi in range(f):
+            for dy in range(2):
+                for dx in range(2):
+                    out[:, (ci * f + fi) * 4 + 2 * dy + dx] = x[:, ci, fi, dy::2, dx::2]
+    return out
+
+
+def _unet_output_by_hand(v: torch.Tensor, frames: int) -> torch.Tensor:
+    b, channels, h, w = v.shape
+    out = torch.empty(b, 3, frames, 2 * h, 2 * w)
+    for ci in range(3):
+        for fi in range(frames):
+            for dy in range(2):
+                for dx in range(2):
+                    out[:, ci, fi, dy::2, dx::2] = v[:, (ci * frames + fi) * 4 + 2 * dy + dx]
+    return out
+
+
+def test_video_contract_shapes_and_encode_decode():
+    model = tiny_backbone()
+    assert isinstance(model, Backbone) and model.is_video and model.num_frames == 4
+    assert model.latent_shape() == (3, 4, 32, 32)
+    videos = torch.rand(2, 4, 3, 32, 32)
+    latents = model.encode(videos)
+    assert latents.shape == (2, 3, 4, 32, 32)
+    torch.testing.assert_close(latents[:, :, 1], videos[:, 1] * 2 - 1)  # frame 1, channel-first
+    torch.testing.assert_close(model.decode(latents), videos)
+    assert model.decode(torch.full((1, 3, 4, 32, 32), 3.0)).max() == 1.0
+
+
+def test_velocity_is_the_unet_on_frames_stacked_in_channels_and_cfg_mixes_two_calls():
+    torch.manual_seed(1)
+    model = tiny_backbone().eval()
+    x, t = torch.randn(2, 3, 4, 32, 32), torch.tensor([0.3, 0.8])
+    cond = model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        direct = model.denoiser(
+            _unet_input_by_hand(x), 1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["attention_mask"], return_dict=False,
+        )[0]
+        expected = _unet_output_by_hand(direct, 4)
+        torch.testing.assert_close(model.velocity(x, t, cond), expected, atol=1e-5, rtol=1e-5)
+        empty = model.encode_prompts([""] * 2)
+        uncond = model.velocity(x, t, empty)
+        guided = model.velocity(x, t, cond, guidance_scale=3.0)
+        torch.testing.assert_close(guided, uncond + 3.0 * (expected - uncond), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, 3, F, H, W\]"):
+        model.velocity(x[:, :, 0], t, cond)
+
+
+def test_factory_loads_the_saved_model_frozen_with_its_options(tiny_video_path):
+    loaded = factory_load("world_video", str(tiny_video_path))
+    again = load_backbone(tiny_video_path, guidance_scale=2.5)
+    assert type(loaded).__name__ == "VideoWorldBackbone" and loaded.num_frames == 4
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    assert again.default_guidance_scale == 2.5 and loaded.default_guidance_scale == 1.0
+    x, t = torch.randn(2, 3, 4, 32, 32), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.velocity(x, t, loaded.encode_prompts(PROMPTS)), again.velocity(x, t, again.encode_prompts(PROMPTS))
+        )
+
+
+def test_round_trip_keeps_every_weight(tmp_path):
+    model = tiny_backbone()
+    save_backbone(model, tmp_path / "m")
+    back = load_backbone(tmp_path / "m")
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), name
+    assert back.options() == model.options()
+
+
+@pytest.mark.skipif(not (BASE_CHECKPOINT / "unet").is_dir(), reason="the shipped video base is not committed yet")
+def test_shipped_base_loads_with_no_path():
+    model = load_backbone()
+    assert model.latent_shape() == (3, 4, 32, 32)
+    assert set(model.text_encoder.vocab) >= {"moving", "apart", "together", "video"}
+
+
+def test_dgpo_steps_through_the_lightning_module_with_the_video_reward(tmp_path, tiny_video_path):
+    from dgpo_lightning.data.datamodule import RolloutDataModule
+    from dgpo_lightning.module import DGPOModule
+
+    module = DGPOModule(backbone="world_video", model_path=str(tiny_video_path), finetune="lora", lora_rank=4, lr=1e-3)
+    module.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in module.backbone.denoiser.parameters() if p.requires_grad])
+    data = RolloutDataModule(
+        train_prompts="world_video:train", group_size=4, prompts_per_rank=2, num_steps=3,
+        rewards={"world_video_partial": 1.0, "test_video_brightness": 1.0}, eval_prompts=None, progress=False,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=2, max_epochs=1, reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    after = torch.cat([p.detach().flatten() for p in module.backbone.denoiser.parameters() if p.requires_grad])
+    assert trainer.global_step >= 1 and not torch.equal(before, after)
+    rollout = data.last_rollout
+    assert set(rollout.reward_components) == {"world_video_partial", "test_video_brightness"}
+    partial = rollout.reward_components["world_video_partial"]
+    assert partial.shape == (8,) and ((partial >= 0) & (partial <= 1)).all()
