@@ -139,3 +139,21 @@ def test_dgpo_steps_through_the_lightning_module_with_the_video_reward(tmp_path,
     assert set(rollout.reward_components) == {"world_video_partial", "test_video_brightness"}
     partial = rollout.reward_components["world_video_partial"]
     assert partial.shape == (8,) and ((partial >= 0) & (partial <= 1)).all()
+
+
+def test_init_from_the_image_model_draws_the_image_models_frame_in_every_frame():
+    from dgpo_lightning.world.backbone import tiny_backbone as tiny_image_backbone
+    from dgpo_lightning.world.video.pretrain import init_from_image_model
+
+    torch.manual_seed(2)
+    image, video = tiny_image_backbone().eval(), tiny_backbone().eval()
+    counts = init_from_image_model(video, image)
+    assert counts["tiled"] == 3 and counts["words"] == len(image.text_encoder.vocab)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.4, 0.9])
+    prompts = ["a photo of a red circle", "a photo of two squares"]  # words both vocabularies share
+    with torch.no_grad():
+        expected = image.velocity(x, t, image.encode_prompts(prompts))
+        # A clip of identical frames: the first layer sees their mean, i.e. the image itself.
+        got = video.velocity(x[:, :, None].expand(-1, -1, 4, -1, -1), t, video.encode_prompts(prompts))
+    for frame in range(4):
+        torch.testing.assert_close(got[:, :, frame], expected, atol=1e-5, rtol=1e-5)

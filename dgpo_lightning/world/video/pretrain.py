@@ -13,6 +13,10 @@ With ``--caption-noise P`` a fraction P of the clips is drawn for a corrupted re
 base's stage-2 recipe. The EMA model is evaluated periodically on the held-out prompts
 (:func:`heldout_eval`: strict ``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
 
+With ``--init-image`` (``base``: the shipped image-world base) the model starts from an image-world
+checkpoint (:func:`init_from_image_model`): every frame starts as the image model's drawing, so
+pretraining only has to learn motion and the video words, not how to draw shapes.
+
 This module sits in the world layer, below the data/evaluation layers, so it reads the prompt files
 with :func:`~dgpo_lightning.world.video.prompts.read_records` and samples with the pure samplers.
 """
@@ -113,6 +117,53 @@ def heldout_eval(
     return summary
 
 
+@torch.no_grad()
+def init_from_image_model(video, image) -> dict[str, int]:
+    """Copy an image-world backbone's weights into a video backbone of the same widths.
+
+    UNet tensors of equal shape are copied. The frames-in-channels ends are tiled: the video input
+    channel ``(c·F + f)·p² + s`` (colour ``c``, frame ``f``, sub-pixel ``s``) takes the image's input
+    weights of channel ``c·p² + s`` divided by ``F`` (the first layer sees the mean frame), and each
+    frame's output channel takes the image's output weights and bias. The text encoder copies its
+    layers, positions and the embeddings of the words both vocabularies have. Returns counts of
+    ``copied`` / ``tiled`` tensors and ``words`` shared.
+    """
+    frames, p2 = video.num_frames, video.patch_size ** 2
+    if image.patch_size ** 2 != p2:
+        raise ValueError(f"patch sizes differ: image {image.patch_size}, video {video.patch_size}")
+    image_unet = image.denoiser.state_dict()
+    counts = {"copied": 0, "tiled": 0, "words": 0}
+    for name, value in video.denoiser.state_dict().items():
+        source = image_unet.get(name)
+        if source is None:
+            raise ValueError(f"the image UNet has no {name}: the architectures differ")
+        if source.shape == value.shape:
+            value.copy_(source)
+            counts["copied"] += 1
+            continue
+        channel = torch.arange(3 * frames * p2)
+        image_channel = (channel // (frames * p2)) * p2 + channel % p2  # c·p² + s of video channel (c·F + f)·p² + s
+        if name == "conv_in.weight":
+            value.copy_(source[:, image_channel] / frames)
+        elif name in ("conv_out.weight", "conv_out.bias"):
+            value.copy_(source[image_channel])
+        else:
+            raise ValueError(f"{name}: image {tuple(source.shape)} vs video {tuple(value.shape)} cannot be mapped")
+        counts["tiled"] += 1
+    image_text, video_text = image.text_encoder.state_dict(), video.text_encoder.state_dict()
+    for name, value in video_text.items():
+        if name == "token_embedding.weight":
+            for word, row in video.text_encoder.index.items():
+                if word in image.text_encoder.index:
+                    value[row] = image_text[name][image.text_encoder.index[word]]
+                    counts["words"] += 1
+        elif image_text[name].shape == value.shape:
+            value.copy_(image_text[name])
+        else:
+            raise ValueError(f"text encoder {name}: image {tuple(image_text[name].shape)} vs video {tuple(value.shape)}")
+    return counts
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dgpo_lightning.world.video.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory of the EMA checkpoint")
@@ -132,6 +183,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--final-samples", type=int, default=16, help="samples per held-out prompt in the final evaluation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--init", default=None, help="start from this video checkpoint's weights (fresh optimizer)")
+    parser.add_argument("--init-image", default=None, help="start from an image-world checkpoint ('base': the shipped one)")
     parser.add_argument("--resume", action="store_true", help=f"continue from DIR/{TRAIN_STATE}")
     args = parser.parse_args(argv)
     if not 0.0 <= args.caption_noise < 1.0:
@@ -151,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = build_backbone(unet=unet)
     if args.init:
         model.load_state_dict(load_backbone(args.init).state_dict())
+    elif args.init_image:
+        from dgpo_lightning.world.backbone import load_backbone as load_image_backbone
+
+        image = load_image_backbone(None if args.init_image == "base" else args.init_image)
+        print(f"initialised from the image model: {init_from_image_model(model, image)}", flush=True)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_unet = sum(p.numel() for p in model.denoiser.parameters())
