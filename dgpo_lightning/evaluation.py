@@ -7,6 +7,11 @@ plan. Plain torch, torchmetrics (:class:`HeldOutMetrics`) and matplotlib (the gr
 Conventions: an image's *task* is its prompt record's GenEval ``tag`` (``""`` when it has none);
 a reward's ``overall`` is the unweighted mean of its task scores when the images have tasks
 (GenEval's rule, so a task with many prompts does not dominate) and the plain mean otherwise.
+
+Videos (a video backbone's ``decode`` returns ``[B, F, 3, H, W]``) go through the same pipeline: the
+rewards score the videos, the grid shows a strip of frames per sample (:func:`frame_strip`) and
+:func:`save_grid` also writes each example as an animated GIF (PIL) and, when PyAV or imageio-ffmpeg
+is installed, as an MP4 (:func:`save_example_videos`; otherwise the MP4s are skipped with a note).
 """
 
 from __future__ import annotations
@@ -224,7 +229,7 @@ class TaskExamples:
         tags: Sequence[str] | None,
         scores_by_reward: Mapping[str, Tensor],
     ) -> "TaskExamples":
-        """Offer a batch: ``images [B, 3, H, W]``, its prompts, tasks (``None``: one row) and scores."""
+        """Offer a batch: ``images [B, 3, H, W]`` (or videos ``[B, F, 3, H, W]``), its prompts, tasks (``None``: one row) and scores."""
         tags = list(tags) if tags is not None else [""] * len(prompts)
         for i, (prompt, tag) in enumerate(zip(prompts, tags)):
             distinct = self._distinct.setdefault(tag, [])
@@ -256,13 +261,15 @@ class TaskExamples:
 
 
 def task_grid(
-    examples: Mapping[str, Any], *, per_task: int = 4, reward: str | None = None, max_rows: int = 12, pyplot: bool = False
+    examples: Mapping[str, Any], *, per_task: int = 4, reward: str | None = None, max_rows: int = 12, pyplot: bool = False,
+    max_frames: int = 8,
 ):
     """A matplotlib ``Figure``: one row per task, ``per_task`` images each, titled prompt + score.
 
     Args:
         examples: ``{"images": [K, 3, H, W] in [0, 1], "prompts": [K], "scores": {name: [K]}}`` with
-            optional ``"tags": [K]`` (absent: one row of the first ``per_task`` images).
+            optional ``"tags": [K]`` (absent: one row of the first ``per_task`` images). Videos
+            ``[K, F, 3, H, W]`` are drawn as strips of ``max_frames`` evenly spaced frames.
         per_task: images per row (the first ones of each task, in the given order).
         reward: the score shown (default: the first in ``examples["scores"]``).
         max_rows: at most this many tasks are drawn.
@@ -272,6 +279,9 @@ def task_grid(
     from matplotlib.figure import Figure
 
     images, prompts = examples["images"], list(examples["prompts"])
+    if is_video(images):  # one strip of frames per sample
+        images = torch.stack([frame_strip(video, max_frames) for video in images])
+    aspect = min(max(images.shape[-1] / images.shape[-2], 1.0), 8.0)
     scores = examples.get("scores") or {}
     reward = reward if reward is not None else next(iter(scores), None)
     tags = list(examples.get("tags") or [""] * len(prompts))
@@ -282,7 +292,7 @@ def task_grid(
             row.append(index)
     rows = dict(list(rows.items())[:max_rows])
     columns = max((len(r) for r in rows.values()), default=1)
-    size = (2.0 * columns + 0.6, 2.3 * max(len(rows), 1))
+    size = (2.0 * aspect * columns + 0.6, 2.3 * max(len(rows), 1))
     if pyplot:
         import matplotlib.pyplot as plt
 
@@ -308,12 +318,158 @@ def task_grid(
     return figure
 
 
-def save_grid(examples: Mapping[str, Any], path: str | Path, *, dpi: int = 100, **options: Any) -> Path:
-    """Write :func:`task_grid` of ``examples`` to ``path`` (PNG); ``options`` go to it. Returns ``path``."""
+def save_grid(examples: Mapping[str, Any], path: str | Path, *, dpi: int = 100, fps: int = 8, **options: Any) -> Path:
+    """Write :func:`task_grid` of ``examples`` to ``path`` (PNG); ``options`` go to it. Returns ``path``.
+
+    Video examples are also written one by one to ``<path stem>_videos/`` (:func:`save_example_videos`:
+    a GIF each, an MP4 each when an encoder is installed, and ``index.json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     task_grid(examples, **options).savefig(path, dpi=dpi)
+    if is_video(examples["images"]):
+        save_example_videos(examples, video_directory(path), fps=fps)
     return path
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def is_video(images: Tensor) -> bool:
+    """``True`` for a batch of videos ``[B, F, 3, H, W]`` (a video backbone's ``decode``)."""
+    return isinstance(images, Tensor) and images.ndim == 5 and images.shape[2] == 3
+
+
+def frame_strip(video: Tensor, max_frames: int = 8, gap: int = 1) -> Tensor:
+    """One video ``[F, 3, H, W]`` as an image ``[3, H, k W + (k - 1) gap]``: ``k = min(F, max_frames)``
+    evenly spaced frames (first and last included) side by side, ``gap`` white columns between."""
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"frame_strip expects a video [F, 3, H, W], got {tuple(video.shape)}")
+    count = min(int(video.shape[0]), max(int(max_frames), 1))
+    index = torch.linspace(0, video.shape[0] - 1, count).round().long() if count > 1 else torch.tensor([0])
+    frames = video.detach().float().cpu()[index].clamp(0, 1)
+    if gap > 0 and count > 1:
+        white = torch.ones(3, video.shape[2], gap)
+        parts = [t for frame in frames for t in (frame, white)][:-1]
+        return torch.cat(parts, dim=2)
+    return torch.cat(list(frames), dim=2)
+
+
+def video_frames_uint8(video: Tensor) -> "list":
+    """``[F, 3, H, W]`` in ``[0, 1]`` → ``F`` ``uint8`` arrays ``[H, W, 3]`` (rounded as PIL saves images)."""
+    array = (video.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return list(array)
+
+
+def save_gif(video: Tensor, path: str | Path, fps: int = 8) -> Path:
+    """An animated GIF (loops forever) of ``video [F, 3, H, W]`` in ``[0, 1]``, with PIL."""
+    from PIL import Image
+
+    path = Path(path)
+    frames = [Image.fromarray(frame) for frame in video_frames_uint8(video)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(int(round(1000 / fps)), 1), loop=0)
+    return path
+
+
+def mp4_encoder() -> str | None:
+    """The installed MP4 encoder: ``"av"`` (PyAV) or ``"imageio_ffmpeg"``, else ``None``."""
+    import importlib.util
+
+    for name in ("av", "imageio_ffmpeg"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+#: Why MP4s were not written (no encoder is a dependency of the package).
+MP4_SKIPPED = "MP4 skipped: neither PyAV nor imageio-ffmpeg is installed (pip install av); the GIFs are written"
+
+
+def save_mp4(video: Tensor, path: str | Path, fps: int = 8) -> Path | None:
+    """An H.264 MP4 of ``video [F, 3, H, W]`` in ``[0, 1]`` with PyAV or imageio-ffmpeg (frames padded
+    to even sides, as yuv420p needs); ``None`` when neither is installed."""
+    import numpy as np
+
+    encoder = mp4_encoder()
+    if encoder is None:
+        return None
+    path = Path(path)
+    frames = video_frames_uint8(video)
+    height, width = frames[0].shape[:2]
+    pad = ((0, height % 2), (0, width % 2), (0, 0))
+    frames = [np.ascontiguousarray(np.pad(frame, pad, mode="edge")) for frame in frames]
+    if encoder == "av":
+        import av
+
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=int(fps))
+            stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    else:
+        import imageio_ffmpeg
+
+        writer = imageio_ffmpeg.write_frames(str(path), (frames[0].shape[1], frames[0].shape[0]), fps=fps,
+                                             codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1)
+        writer.send(None)  # start the generator
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+    return path
+
+
+def video_directory(grid_path: str | Path) -> Path:
+    """Where :func:`save_grid` writes the example videos of ``grid_path``: ``<stem>_videos/`` beside it."""
+    grid_path = Path(grid_path)
+    return grid_path.with_name(f"{grid_path.stem}_videos")
+
+
+def _slug(text: str, length: int = 40) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:length] or "prompt"
+
+
+def save_example_videos(
+    examples: Mapping[str, Any], directory: str | Path, *, fps: int = 8, mp4: bool = True
+) -> dict[str, Any]:
+    """Write each example video as ``NN_<prompt>.gif`` (and ``.mp4`` with an encoder) to ``directory``,
+    with ``index.json`` (file, prompt, task and scores per example, and the MP4 note).
+
+    Returns the index: ``{"fps", "videos": [{"gif", "mp4", "prompt", "tag", "scores"}], "note"}``,
+    ``note`` saying why MP4s were skipped (``None`` when written or not asked for)."""
+    import json
+
+    videos = examples["images"]
+    if not is_video(videos):
+        raise ValueError(f"save_example_videos expects videos [K, F, 3, H, W], got {tuple(videos.shape)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prompts = list(examples["prompts"])
+    tags = list(examples.get("tags") or [""] * len(prompts))
+    scores = examples.get("scores") or {}
+    encoder = mp4_encoder() if mp4 else None
+    note = MP4_SKIPPED if mp4 and encoder is None else None
+    if note:
+        warnings.warn(note, stacklevel=2)
+    entries = []
+    for i, video in enumerate(videos):
+        stem = f"{i:02d}_{_slug(prompts[i])}"
+        gif = save_gif(video, directory / f"{stem}.gif", fps=fps)
+        mp4_path = save_mp4(video, directory / f"{stem}.mp4", fps=fps) if encoder is not None else None
+        entries.append({
+            "gif": gif.name,
+            "mp4": mp4_path.name if mp4_path is not None else None,
+            "prompt": prompts[i],
+            "tag": tags[i],
+            "scores": {name: float(values[i]) for name, values in scores.items()},
+        })
+    index = {"fps": int(fps), "frames": int(videos.shape[1]), "videos": entries, "note": note}
+    (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return index
 
 
 # --------------------------------------------------------------------------- the whole evaluation
@@ -439,10 +595,17 @@ __all__ = [
     "evaluate",
     "evaluation_plan",
     "generate_images",
+    "frame_strip",
+    "is_video",
+    "mp4_encoder",
+    "save_example_videos",
+    "save_gif",
     "save_grid",
+    "save_mp4",
     "score_images",
     "summarize_scores",
     "task_grid",
     "task_of",
+    "video_directory",
     "warn_unknown_words",
 ]
