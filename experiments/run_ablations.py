@@ -49,7 +49,29 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("softmax", ["ablations/group_weighting/softmax.yaml"]),
         ("t_min annealed 0.6->0.2", ["ablations/t_min_schedule/anneal.yaml"]),
     ],
+    # TDM-R1 (issue: few-step RL): the 4-NFE student reinforced by TDM-R1, by DGPO directly, and the
+    # 10-step base with DGPO; each run starts from its own model and sampler (STARTS below).
+    "few_step": [
+        ("tdm_r1 (student, 4 NFE)", ["base/world_tdmr1.yaml"]),
+        ("dgpo (student, 4 NFE)", ["base/world_student4.yaml"]),
+        ("dgpo (base, 10 steps)", []),
+    ],
 }
+
+#: Runs that do not start from the shipped base at 10 steps: their starting evaluation uses these
+#: configs (the model and the evaluation sampler), so each row's gain is over its own start.
+STARTS: dict[str, list[str]] = {
+    "base/world_tdmr1.yaml": ["base/world_student4.yaml"],
+    "base/world_student4.yaml": ["base/world_student4.yaml"],
+}
+
+
+def start_configs(configs: list[str]) -> list[str]:
+    """The configs of a run's starting evaluation (``[]``: the shipped base)."""
+    for config in configs:
+        if config in STARTS:
+            return STARTS[config]
+    return []
 
 
 def run_dir(out: Path, configs: list[str], seed: int) -> Path:
@@ -113,13 +135,17 @@ def read_history(directory: Path, name: str = "eval_history.csv") -> list[dict[s
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def base_row(out: Path) -> dict[str, float]:
-    """The shipped base model's evaluation (identical for every run: same model, prompts and seeds)."""
-    directory = out / "runs" / "base"
+def base_row(out: Path, configs: list[str] | None = None) -> dict[str, float]:
+    """The starting model's evaluation (identical for every seed: same model, prompts and seeds);
+    ``configs`` (see :func:`start_configs`) select another starting model than the shipped base."""
+    configs = configs or []
+    name = "base" if not configs else "start_" + "+".join(Path(c).with_suffix("").name for c in configs)
+    directory = out / "runs" / name
     if not (directory / "done").exists():
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
+            *[arg for config in configs for arg in ("--config", str(ROOT / config))],
             f"--trainer.default_root_dir={directory}",
             "--trainer.enable_progress_bar=false", *EVAL_ARGS, *EXTRA,
         ]
@@ -144,8 +170,9 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base_scores = [rows[0][METRIC] for seeds in runs.values() for rows in seeds]
-    base = statistics.mean(base_scores)
+    starts = {name: seeds[0][0][METRIC] for name, seeds in runs.items()}  # each run's own starting score
+    base = statistics.mean(starts.values())
+    own_starts = len({round(v, 6) for v in starts.values()}) > 1
     finals = {name: [rows[-1][METRIC] for rows in seeds] for name, seeds in runs.items()}
     best_final = max(statistics.mean(v) for v in finals.values())
     target = base + 0.5 * (best_final - base)  # half of the best method's gain: every method can be timed
@@ -158,9 +185,11 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
         lines.append({
             "run": name,
             "seeds": len(seeds),
+            "start": starts[name],
+            "start_quality_proxy": seeds[0][0].get(QUALITY, float("nan")),
             "final_mean": statistics.mean(final),
             "final_std": statistics.pstdev(final) if len(final) > 1 else 0.0,
-            "gain": statistics.mean(final) - base,
+            "gain": statistics.mean(final) - starts[name],
             "quality_proxy": statistics.mean(quality),
             "minutes_to_target": statistics.mean(reached) / 60 if reached else float("nan"),
             "reached_target": f"{len(reached)}/{len(seeds)}",
@@ -173,14 +202,25 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
         writer.writeheader()
         writer.writerows(lines)
     with (results / f"{suite}.md").open("w") as handle:
-        handle.write(f"### {suite}\n\nbase {METRIC} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
-        handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images |\n")
-        handle.write("|---|---|---|---|---|---|---|---|\n")
-        for row in lines:
-            handle.write(
-                f"| {row['run']} | {row['seeds']} | {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
-                f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} |\n"
-            )
+        if own_starts:
+            handle.write(f"### {suite}\n\nEach run starts from its own model and sampler (start column); gain is over that start.\n\n")
+            handle.write("| run | seeds | start (sharpness) | final (mean ± std) | gain | sharpness | images |\n")
+            handle.write("|---|---|---|---|---|---|---|\n")
+            for row in lines:
+                handle.write(
+                    f"| {row['run']} | {row['seeds']} | {row['start']:.3f} ({row['start_quality_proxy']:.3f}) "
+                    f"| {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
+                    f"| {row['quality_proxy']:.4f} | {row['images']:.0f} |\n"
+                )
+        else:
+            handle.write(f"### {suite}\n\nbase {METRIC} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
+            handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images |\n")
+            handle.write("|---|---|---|---|---|---|---|---|\n")
+            for row in lines:
+                handle.write(
+                    f"| {row['run']} | {row['seeds']} | {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
+                    f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} |\n"
+                )
         reference = lines[0]
         if suite == "speed" and reference["minutes_to_target"] == reference["minutes_to_target"]:
             handle.write("\nSpeed-up of the first run to the target, measured side by side:\n\n")
@@ -221,6 +261,9 @@ def main() -> None:
     EXTRA.extend(f"--{item}" for item in args.set)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     base = base_row(args.out)
+    starts = {tuple(start_configs(configs)) for suite in suites for _, configs in SUITES[suite]} - {()}
+    start_rows = {start: base_row(args.out, list(start)) for start in sorted(starts)}
+    start_rows[()] = base
     if not args.summarize_only:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -239,7 +282,7 @@ def main() -> None:
             for seed in args.seeds:
                 directory = run_dir(args.out, configs, seed)
                 if (directory / "done").exists():
-                    runs.setdefault(name, []).append([base] + read_history(directory))
+                    runs.setdefault(name, []).append([start_rows[tuple(start_configs(configs))]] + read_history(directory))
         if runs:
             summarize(suite, runs, args.out)
 
