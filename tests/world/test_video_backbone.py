@@ -11,6 +11,7 @@ from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.models.factory import load_backbone as factory_load
 from dgpo_lightning.rewards.base import _REGISTRY, register
 from dgpo_lightning.world.video.backbone import BASE_CHECKPOINT, load_backbone, save_backbone, tiny_backbone
+from dgpo_lightning.world.video.scene import FRAMES
 
 if "test_video_brightness" not in _REGISTRY:
 
@@ -57,27 +58,27 @@ def _unet_output_by_hand(v: torch.Tensor, frames: int) -> torch.Tensor:
 
 def test_video_contract_shapes_and_encode_decode():
     model = tiny_backbone()
-    assert isinstance(model, Backbone) and model.is_video and model.num_frames == 4
-    assert model.latent_shape() == (3, 4, 32, 32)
-    videos = torch.rand(2, 4, 3, 32, 32)
+    assert isinstance(model, Backbone) and model.is_video and model.num_frames == FRAMES
+    assert model.latent_shape() == (3, FRAMES, 32, 32)
+    videos = torch.rand(2, FRAMES, 3, 32, 32)
     latents = model.encode(videos)
-    assert latents.shape == (2, 3, 4, 32, 32)
+    assert latents.shape == (2, 3, FRAMES, 32, 32)
     torch.testing.assert_close(latents[:, :, 1], videos[:, 1] * 2 - 1)  # frame 1, channel-first
     torch.testing.assert_close(model.decode(latents), videos)
-    assert model.decode(torch.full((1, 3, 4, 32, 32), 3.0)).max() == 1.0
+    assert model.decode(torch.full((1, 3, FRAMES, 32, 32), 3.0)).max() == 1.0
 
 
 def test_velocity_is_the_unet_on_frames_stacked_in_channels_and_cfg_mixes_two_calls():
     torch.manual_seed(1)
     model = tiny_backbone().eval()
-    x, t = torch.randn(2, 3, 4, 32, 32), torch.tensor([0.3, 0.8])
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.3, 0.8])
     cond = model.encode_prompts(PROMPTS)
     with torch.no_grad():
         direct = model.denoiser(
             _unet_input_by_hand(x), 1000 * t, encoder_hidden_states=cond["prompt_embeds"],
             encoder_attention_mask=cond["attention_mask"], return_dict=False,
         )[0]
-        expected = _unet_output_by_hand(direct, 4)
+        expected = _unet_output_by_hand(direct, FRAMES)
         torch.testing.assert_close(model.velocity(x, t, cond), expected, atol=1e-5, rtol=1e-5)
         empty = model.encode_prompts([""] * 2)
         uncond = model.velocity(x, t, empty)
@@ -90,10 +91,10 @@ def test_velocity_is_the_unet_on_frames_stacked_in_channels_and_cfg_mixes_two_ca
 def test_factory_loads_the_saved_model_frozen_with_its_options(tiny_video_path):
     loaded = factory_load("world_video", str(tiny_video_path))
     again = load_backbone(tiny_video_path, guidance_scale=2.5)
-    assert type(loaded).__name__ == "VideoWorldBackbone" and loaded.num_frames == 4
+    assert type(loaded).__name__ == "VideoWorldBackbone" and loaded.num_frames == FRAMES
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     assert again.default_guidance_scale == 2.5 and loaded.default_guidance_scale == 1.0
-    x, t = torch.randn(2, 3, 4, 32, 32), torch.tensor([0.5, 0.5])
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.5, 0.5])
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.velocity(x, t, loaded.encode_prompts(PROMPTS)), again.velocity(x, t, again.encode_prompts(PROMPTS))
@@ -112,7 +113,7 @@ def test_round_trip_keeps_every_weight(tmp_path):
 @pytest.mark.skipif(not (BASE_CHECKPOINT / "unet").is_dir(), reason="the shipped video base is not committed yet")
 def test_shipped_base_loads_with_no_path():
     model = load_backbone()
-    assert model.latent_shape() == (3, 4, 32, 32)
+    assert model.latent_shape() == (3, FRAMES, 32, 32)
     assert set(model.text_encoder.vocab) >= {"moving", "apart", "together", "video"}
 
 
@@ -154,6 +155,6 @@ def test_init_from_the_image_model_draws_the_image_models_frame_in_every_frame()
     with torch.no_grad():
         expected = image.velocity(x, t, image.encode_prompts(prompts))
         # A clip of identical frames: the first layer sees their mean, i.e. the image itself.
-        got = video.velocity(x[:, :, None].expand(-1, -1, 4, -1, -1), t, video.encode_prompts(prompts))
-    for frame in range(4):
+        got = video.velocity(x[:, :, None].expand(-1, -1, FRAMES, -1, -1), t, video.encode_prompts(prompts))
+    for frame in range(FRAMES):
         torch.testing.assert_close(got[:, :, frame], expected, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,9 @@ def scores(clips, records):
 
 
 LEFT = Track("circle", "red", 1.0, 2.0, 0.0, -1.0)  # column 2 → 1
+#: The reward reads any number of frames; the temporal rules (steps back, a missing middle frame, a
+#: colour switch half-way) are tested on 4-frame clips, the shipped FRAMES on the others.
+LONG = 4
 
 
 def test_a_clip_moving_left_scores_one_on_left_and_zero_on_the_other_directions():
@@ -45,13 +48,14 @@ def test_a_static_object_or_a_jump_back_is_not_motion():
     strict, _ = scores([still] * 4, [circle(m) for m in ("left", "right", "up", "down")])
     assert strict == [0.0] * 4
     # Frames reordered so the object goes back by a third of a cell half-way: net travel still left.
-    clip = render_clip([LEFT])[[0, 2, 1, 3]]
+    clip = render_clip([LEFT], frames=LONG)[[0, 2, 1, 3]]
     strict, partial = scores([clip], [circle("left")])
     assert strict == [0.0] and 0.5 < partial[0] < 1
 
 
 def test_colour_change_across_frames_fails_identity():
-    red, blue = render_clip([LEFT]), render_clip([Track("circle", "blue", 1.0, 2.0, 0.0, -1.0)])
+    red = render_clip([LEFT], frames=LONG)
+    blue = render_clip([Track("circle", "blue", 1.0, 2.0, 0.0, -1.0)], frames=LONG)
     switched = torch.cat([red[:2], blue[2:]])
     strict, partial = scores([switched, switched, red], [circle("left"), circle("left", "red"), circle("left")])
     assert strict == [0.0, 0.0, 1.0]
@@ -61,7 +65,7 @@ def test_colour_change_across_frames_fails_identity():
 
 
 def test_a_missing_frame_fails_presence():
-    clip = render_clip([LEFT])
+    clip = render_clip([LEFT], frames=LONG)
     clip[2] = 0
     strict, partial = scores([clip], [circle("left")])
     assert strict == [0.0] and partial[0] == pytest.approx((0.75 + 0.75 + 1.0) / 3, abs=1e-5)
@@ -81,13 +85,14 @@ def test_relative_motion_apart_and_together():
 
 def test_counting_needs_the_exact_count_in_every_frame():
     squares = [Track("square", c, float(r), 0.0, 0.0, 1.0) for c, r in (("red", 0), ("blue", 1), ("white", 2))]
-    clip = render_clip(squares)
+    clip = render_clip(squares, frames=LONG)
+
     def counting(n):
         return record("counting", "right", [{"class": "square", "count": n}], exclude=[{"class": "square", "count": n + 1}])
     strict, _ = scores([clip] * 3, [counting(3), counting(2), counting(4)])
     assert strict == [1.0, 0.0, 0.0]
     dropped = clip.clone()
-    dropped[1] = render_clip(squares[:2])[1]  # one square vanishes in frame 1
+    dropped[1] = render_clip(squares[:2], frames=LONG)[1]  # one square vanishes in frame 1
     assert scores([dropped], [counting(3)])[0] == [0.0]
     wrong_way = scores([clip.flip(0)], [counting(3)])[0]
     assert wrong_way == [0.0]

@@ -7,8 +7,10 @@ The denoiser is the image world's UNet design (:mod:`dgpo_lightning.world.backbo
 stacked in channels: ``x [B, 3, F, 32, 32] → [B, 3F, 32, 32] → 2×2 pixel-unshuffle → [B, 12F, 16,
 16]`` → ``UNet2DConditionModel`` (timestep ``1000 t``, cross-attention to the text encoder) → the
 inverse reshapes. Every layer sees all frames, so motion is modelled by the first convolution and
-on. The text encoder is the image world's :class:`~dgpo_lightning.world.model.WorldTextEncoder`
-with the video words added to its vocabulary. CFG, saving (:func:`save_backbone`, the image world's
+on; the first block's width must hold the ``12 F`` input channels (the noise of every frame passes
+through it), which is why the shipped clips have ``F = 2`` at the image world's widths. The text
+encoder is the image world's :class:`~dgpo_lightning.world.model.WorldTextEncoder` with the video
+words added to its vocabulary. CFG, saving (:func:`save_backbone`, the image world's
 format plus ``num_frames`` in ``backbone.json``) and freezing follow the image world.
 """
 

@@ -1,6 +1,7 @@
 """Clips of the embedded video world: the image world's shapes moving across its 3×3 grid.
 
-A clip is ``[F, 3, size, size]`` in ``[0, 1]`` (``F = FRAMES = 4`` frames of 32×32 by default), each
+A clip is ``[F, 3, size, size]`` in ``[0, 1]`` (``F = FRAMES = 2`` frames of 32×32 by default: the
+shipped model's; the renderer and the reward take any ``F``, see ``FRAMES``), each
 frame drawn like an image of :mod:`dgpo_lightning.world.scene` (same classes, palette, object size,
 anti-aliased coverage ``scene._coverage``), with every object on a straight track. An object's size
 and jitter are drawn once per clip, so identity (class, colour, size) is constant across frames and
@@ -43,7 +44,11 @@ from dgpo_lightning.world.scene import (
     random_choice,
 )
 
-FRAMES = 4
+#: Frames of the shipped clips. Two: a frames-in-channels UNet of the image world's widths carries
+#: 12·F input channels through its 32-channel first block, and at F = 4 (48 channels) it could not
+#: pass the per-frame noise through (pretraining loss stalled at ≈ 0.7, 15× the image model's;
+#: see checkpoints/base/MODEL_CARD.md). Four frames need a first block of ≥ 64 channels.
+FRAMES = 2
 SIZE = 32
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 #: Unit displacement (d_row, d_col) per direction, in cells; row 0 is the top.
