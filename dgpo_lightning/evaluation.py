@@ -361,7 +361,8 @@ def video_frames_uint8(video: Tensor) -> "list":
 
 
 def save_gif(video: Tensor, path: str | Path, fps: int = 8) -> Path:
-    """An animated GIF (loops forever) of ``video [F, 3, H, W]`` in ``[0, 1]``, with PIL."""
+    """An animated GIF (loops forever) of ``video [F, 3, H, W]`` in ``[0, 1]``, with PIL (GIF delays are
+    whole 10 ms: 8 fps plays at 120 ms a frame)."""
     from PIL import Image
 
     path = Path(path)

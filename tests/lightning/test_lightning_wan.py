@@ -103,3 +103,28 @@ def test_evaluate_cli_on_tiny_wan_writes_videos(trained, tmp_path, capsys):
         assert videos.shape == (4, TINY_WAN["num_frames"], 3, TINY_WAN["resolution"], TINY_WAN["resolution"])
         expected = build("frame_mean", **REWARD_OPTIONS["frame_mean"])(videos, prompts)
         assert scores[name] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_wan_pickscore_config_parses(tmp_path):
+    from dgpo_lightning.cli import DGPOCLI
+
+    cli = DGPOCLI(args=["--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
+                        "--trainer.precision=32-true", "--trainer.logger=false"], run=False)
+    hp, data = cli.model.hparams, cli.datamodule.hparams
+    assert hp.backbone == "wan"
+    options = hp.backbone_options
+    assert (options["resolution"], options["width"], options["num_frames"]) == (240, 416, 33)  # Flow-GRPO
+    assert options["max_sequence_length"] == 512 and options["negative_prompt"] == ""
+    assert (hp.lora_rank, hp.lora_alpha) == (32, 64)  # Flow-GRPO's Wan LoRA
+    assert (hp.beta, hp.kl_beta, hp.clip_range, hp.t_min) == (10.0, 0.001, 0.05, 0.666)  # DGPO's PickScore preset
+    assert data.num_steps == 10 and data.eval_num_steps == 50 and data.guidance_scale == 4.5
+    assert data.shift is None  # the backbone's flow_shift 3 applies
+    assert data.rewards == {"frame_mean": 1.0} and data.reward_options["frame_mean"]["reward"] == "pickscore"
+    assert data.reward_options["frame_mean"]["stride"] == 4
+    assert list(data.eval_rewards) == ["frame_mean", "temporal_consistency"]
+    # The reward options build the video rewards they name (the scorers load lazily: nothing is read here).
+    from dgpo_lightning.rewards import build
+
+    assert build("temporal_consistency", **data.reward_options["temporal_consistency"]) is not None
+    # The backbone options fit the Wan VAE factors (8 spatial x patch 2, 4 temporal).
+    assert options["resolution"] % 16 == options["width"] % 16 == (options["num_frames"] - 1) % 4 == 0
