@@ -40,15 +40,20 @@ def trained(tmp_path_factory):
                         lora_rank=4, lr=3e-2, t_min=0.5, timesteps_per_sample=2)
     module.configure_model()
     data = RolloutDataModule(train_prompts=str(prompts), group_size=2, prompts_per_rank=2, num_steps=2,
-                             rewards=REWARD, reward_options=REWARD_OPTIONS, eval_prompts=None, progress=False,
-                             guidance_scale=5.0)
+                             rewards=REWARD, reward_options={**REWARD_OPTIONS, "temporal_consistency": {}},
+                             eval_prompts=str(prompts), eval_images_per_prompt=1, eval_num_steps=2,
+                             eval_rewards=["frame_mean", "temporal_consistency"], progress=False, guidance_scale=5.0)
     denoiser = module.backbone.denoiser
     before = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
     trainable = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    from dgpo_lightning.callbacks import SampleGrid
+
     trainer = L.Trainer(accelerator="cpu", max_steps=2, max_epochs=2, reload_dataloaders_every_n_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, data)
+                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=1,
+                        default_root_dir=str(root / "run"), callbacks=[SampleGrid(per_task=2)])
+    with pytest.warns(UserWarning, match="MP4 skipped"):  # no PyAV / imageio-ffmpeg in the test env
+        trainer.fit(module, data)
     export_model(module, root / "final")
     return {"root": root, "model": model, "prompts": prompts, "module": module, "trainer": trainer,
             "before": before, "trainable": trainable, "adapter": root / "final" / "adapter", "data": data}
@@ -60,6 +65,15 @@ def test_two_dgpo_steps_on_tiny_wan_video_latents_with_lora(trained):
     assert backbone.is_video and backbone.cfg_mode == "true" and backbone.negative_prompt == ""
     layers = {n.split(".lora_")[0].split(".", 2)[-1] for n in lora}
     assert layers == {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    # The validation loop scored videos and the SampleGrid drew strips and wrote a GIF per example.
+    metrics = trained["trainer"].callback_metrics
+    assert {"eval/frame_mean", "eval/temporal_consistency"} <= set(metrics)
+    assert 0 < float(metrics["eval/temporal_consistency"]) <= 1
+    examples = trained["module"].last_eval_examples
+    assert examples["images"].shape == (2, TINY_WAN["num_frames"], 3, TINY_WAN["resolution"], TINY_WAN["resolution"])
+    samples = trained["root"] / "run" / "samples"
+    assert (samples / "step_000002.png").is_file()
+    assert len(list((samples / "step_000002_videos").glob("*.gif"))) == 2
 
 
 def test_evaluate_cli_on_tiny_wan_writes_videos(trained, tmp_path, capsys):
