@@ -61,6 +61,10 @@ def test_video_protocol_latent_shape_and_options(shared):
     # The published scheduler (UniPC, flow sigmas, flow_shift 3) and FlowMatchEuler(shift=3): shift 3.
     assert backbone.shift == 3.0 and _fresh().shift == 3.0
     assert SamplerSettings().resolve(backbone).shift == 3.0
+    # The published UniPC scheduler's flow sigmas are (nearly) the samplers' shifted schedule.
+    unipc = build_tiny_wan(seed=0).scheduler
+    unipc.set_timesteps(10)
+    torch.testing.assert_close(unipc.sigmas.float(), flow_sigmas(10, shift=3.0).float(), rtol=0, atol=2e-3)
 
 
 def test_two_expert_and_expand_timesteps_pipelines_are_refused():
