@@ -31,9 +31,9 @@ The video contract (shared with the embedded video world):
   and ``flow_shift`` 3 (480p; 5 for 720p), a static shift: :attr:`WanBackbone.shift` is that value
   (``config.shift`` for a ``FlowMatchEulerDiscreteScheduler``), which ``flow_sigmas`` applies. The
   package's samplers run their own solvers (Euler / DPM / SDE) on that schedule; UniPC's multistep
-  solver itself is not reproduced. Its flow sigmas are the same shift applied to
-  ``linspace(1 - 1/1000, 1/1000, N)`` instead of ``linspace(1, 0, N + 1)``: within ``2e-3`` of
-  ``flow_sigmas(N, 3)`` at 10 steps (tested).
+  solver itself is not reproduced. Its flow sigmas are the same shift applied to the first ``N`` of
+  ``linspace(1, 1/1000, N + 1)``, then 0 (``flow_sigmas``: ``linspace(1, 0, N + 1)``): within ``2e-3``
+  of ``flow_sigmas(N, 3)`` at 10 steps (tested).
 * Wan 2.2's two-expert pipelines (``transformer_2`` with ``boundary_ratio``) and its ``expand_timesteps``
   (TI2V-5B) are refused: one denoiser, one timestep per sample.
 """
