@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dgpo_lightning.models.backbone import Backbone
 from dgpo_lightning.models.factory import load_backbone as factory_load
@@ -32,27 +33,19 @@ def tiny_video_path(tmp_path_factory):
     return path
 
 
-def _unet_input_by_hand(x: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, F, 32, 32]`` → ``[B, 12F, 16, 16]``: channel ``(c·F + f)·4 + 2·dy + dx`` holds pixel
-    ``(2i + dy, 2j + dx)`` of channel c, frame f (frames stacked in channels, then 2×2 unshuffle)."""
-    b, c, f, h, w = x.shape
-    out = torch.empty(b, c * f * 4, h // 2, w // 2)
-    for ci in range(c):
-        for fi in range(f):
-            for dy in range(2):
-                for dx in range(2):
-                    out[:, (ci * f + fi) * 4 + 2 * dy + dx] = x[:, ci, fi, dy::2, dx::2]
-    return out
-
-
-def _unet_output_by_hand(v: torch.Tensor, frames: int) -> torch.Tensor:
-    b, channels, h, w = v.shape
-    out = torch.empty(b, 3, frames, 2 * h, 2 * w)
-    for ci in range(3):
-        for fi in range(frames):
-            for dy in range(2):
-                for dx in range(2):
-                    out[:, ci, fi, dy::2, dx::2] = v[:, (ci * frames + fi) * 4 + 2 * dy + dx]
+def _velocity_frame_by_frame(model, x, t, cond):
+    """The factorised model recomputed one frame at a time: UNet([frame f, mean frame] unshuffled,
+    1000 t, text, class f), pixel-shuffled back (no batching over frames, no reshapes)."""
+    out = torch.empty_like(x)
+    mean = x.mean(dim=2)
+    for b in range(x.shape[0]):
+        for f in range(x.shape[2]):
+            inputs = torch.cat([F.pixel_unshuffle(x[b : b + 1, :, f], 2), F.pixel_unshuffle(mean[b : b + 1], 2)], dim=1)
+            v = model.denoiser(
+                inputs, 1000 * t[b : b + 1], encoder_hidden_states=cond["prompt_embeds"][b : b + 1],
+                encoder_attention_mask=cond["attention_mask"][b : b + 1], class_labels=torch.tensor([f]), return_dict=False,
+            )[0]
+            out[b, :, f] = F.pixel_shuffle(v, 2)[0]
     return out
 
 
@@ -68,23 +61,22 @@ def test_video_contract_shapes_and_encode_decode():
     assert model.decode(torch.full((1, 3, FRAMES, 32, 32), 3.0)).max() == 1.0
 
 
-def test_velocity_is_the_unet_on_frames_stacked_in_channels_and_cfg_mixes_two_calls():
+def test_velocity_is_the_unet_per_frame_with_the_mean_frame_and_cfg_mixes_two_calls():
     torch.manual_seed(1)
     model = tiny_backbone().eval()
+    with torch.no_grad():  # a non-zero frame embedding, so the frame index matters
+        model.denoiser.class_embedding.weight.normal_()
     x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.3, 0.8])
     cond = model.encode_prompts(PROMPTS)
     with torch.no_grad():
-        direct = model.denoiser(
-            _unet_input_by_hand(x), 1000 * t, encoder_hidden_states=cond["prompt_embeds"],
-            encoder_attention_mask=cond["attention_mask"], return_dict=False,
-        )[0]
-        expected = _unet_output_by_hand(direct, FRAMES)
+        expected = _velocity_frame_by_frame(model, x, t, cond)
         torch.testing.assert_close(model.velocity(x, t, cond), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(expected[:, :, 0], expected[:, :, 1], atol=1e-3)
         empty = model.encode_prompts([""] * 2)
         uncond = model.velocity(x, t, empty)
         guided = model.velocity(x, t, cond, guidance_scale=3.0)
         torch.testing.assert_close(guided, uncond + 3.0 * (expected - uncond), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"\[B, 3, F, H, W\]"):
+    with pytest.raises(ValueError, match=r"\[B, 3, 2, H, W\]"):
         model.velocity(x[:, :, 0], t, cond)
 
 
@@ -142,19 +134,18 @@ def test_dgpo_steps_through_the_lightning_module_with_the_video_reward(tmp_path,
     assert partial.shape == (8,) and ((partial >= 0) & (partial <= 1)).all()
 
 
-def test_init_from_the_image_model_draws_the_image_models_frame_in_every_frame():
+def test_init_from_the_image_model_gives_the_image_models_velocity_on_every_frame():
     from dgpo_lightning.world.backbone import tiny_backbone as tiny_image_backbone
     from dgpo_lightning.world.video.pretrain import init_from_image_model
 
     torch.manual_seed(2)
     image, video = tiny_image_backbone().eval(), tiny_backbone().eval()
     counts = init_from_image_model(video, image)
-    assert counts["tiled"] == 3 and counts["words"] == len(image.text_encoder.vocab)
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.4, 0.9])
+    assert counts["zeroed"] == 2 and counts["words"] == len(image.text_encoder.vocab)
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.4, 0.9])
     prompts = ["a photo of a red circle", "a photo of two squares"]  # words both vocabularies share
     with torch.no_grad():
-        expected = image.velocity(x, t, image.encode_prompts(prompts))
-        # A clip of identical frames: the first layer sees their mean, i.e. the image itself.
-        got = video.velocity(x[:, :, None].expand(-1, -1, FRAMES, -1, -1), t, video.encode_prompts(prompts))
-    for frame in range(FRAMES):
-        torch.testing.assert_close(got[:, :, frame], expected, atol=1e-5, rtol=1e-5)
+        got = video.velocity(x, t, video.encode_prompts(prompts))
+        for frame in range(FRAMES):
+            expected = image.velocity(x[:, :, frame].contiguous(), t, image.encode_prompts(prompts))
+            torch.testing.assert_close(got[:, :, frame], expected, atol=1e-5, rtol=1e-5)

@@ -3,15 +3,24 @@
 Latents are the clip itself in ``[-1, 1]``, ``[B, C=3, F, 32, 32]`` (``latent_shape() == (3, F, 32,
 32)``); ``decode`` returns videos ``[B, F, 3, H, W]`` in ``[0, 1]`` and ``encode`` is its inverse.
 
-The denoiser is the image world's UNet design (:mod:`dgpo_lightning.world.backbone`) on the frames
-stacked in channels: ``x [B, 3, F, 32, 32] → [B, 3F, 32, 32] → 2×2 pixel-unshuffle → [B, 12F, 16,
-16]`` → ``UNet2DConditionModel`` (timestep ``1000 t``, cross-attention to the text encoder) → the
-inverse reshapes. Every layer sees all frames, so motion is modelled by the first convolution and
-on; the first block's width must hold the ``12 F`` input channels (the noise of every frame passes
-through it), which is why the shipped clips have ``F = 2`` at the image world's widths. The text
-encoder is the image world's :class:`~dgpo_lightning.world.model.WorldTextEncoder` with the video
-words added to its vocabulary. CFG, saving (:func:`save_backbone`, the image world's
-format plus ``num_frames`` in ``backbone.json``) and freezing follow the image world.
+The denoiser is a factorised space-time model: the image world's UNet (:mod:`dgpo_lightning.world.backbone`,
+2×2 pixel-unshuffle, timestep ``1000 t``, cross-attention to the text) runs on every frame as a
+batch of ``B·F`` images, and each frame's call also sees
+
+* the clip's mean frame ``x̄_t = mean_f x_t[:, :, f]`` as 12 extra input channels (how the frames
+  agree on one scene: layout, colours, the object's track), and
+* its frame index ``f`` as a class label (``num_class_embeds = F``, added to the time embedding),
+  which tells it where on the track it is.
+
+So ``v[:, :, f] = shuffle(UNet([unshuffle(x_t[:, :, f]), unshuffle(x̄_t)], 1000 t, c, class=f))``.
+Each frame keeps its own noise path through the UNet, and the model starts exactly as the image
+model on every frame when the extra input weights and the frame embedding are zero
+(:func:`dgpo_lightning.world.video.pretrain.init_from_image_model`). (Frames stacked in channels,
+``[B, 12F, 16, 16]`` through one UNet call, was measured first: at F = 4 its 32-channel first block
+cannot carry every frame's noise and the loss stalled at ≈ 0.6–0.8; see checkpoints/base/MODEL_CARD.md.)
+The text encoder is the image world's :class:`~dgpo_lightning.world.model.WorldTextEncoder` with the
+video words added to its vocabulary. CFG, saving (:func:`save_backbone`, the image world's format
+plus ``num_frames`` in ``backbone.json``) and freezing follow the image world.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch import Tensor
+import torch.nn.functional as Fn
+from torch import Tensor, nn
 
 from dgpo_lightning.models.backbone import Conditioning
 from dgpo_lightning.world.backbone import BACKBONE_FILE, DEFAULT_UNET, WorldBackbone, _read_options
@@ -48,28 +58,64 @@ class VideoWorldBackbone(WorldBackbone):
     """Text-conditional rectified-flow model of the video world (``is_video = True``).
 
     Args:
-        unet: ``UNet2DConditionModel`` with ``in_channels = out_channels = 3 · F · p²``.
+        unet: ``UNet2DConditionModel`` with ``in_channels = 2 · 3p²`` (the frame and the mean frame),
+            ``out_channels = 3p²`` and ``num_class_embeds = num_frames``.
         text_encoder, guidance_scale, shift, patch_size: as :class:`~dgpo_lightning.world.backbone.WorldBackbone`.
-        num_frames: ``F``; must match the UNet's channels.
+        num_frames: ``F``.
     """
 
     is_video = True
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: WorldTextEncoder, *, num_frames: int = FRAMES, **options: Any):
-        super().__init__(unet, text_encoder, **options)
-        p = self.patch_size
-        if unet.config.in_channels != 3 * num_frames * p * p:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: WorldTextEncoder,
+        *,
+        num_frames: int = FRAMES,
+        guidance_scale: float = 1.0,
+        shift: float = 3.0,
+        patch_size: int = 2,
+    ):
+        nn.Module.__init__(self)  # WorldBackbone's own check wants in_channels == out_channels
+        pixels = 3 * patch_size * patch_size
+        if unet.config.in_channels != 2 * pixels or unet.config.out_channels != pixels:
             raise ValueError(
-                f"unet.in_channels={unet.config.in_channels} != 3 · num_frames · patch_size² = {3 * num_frames * p * p}"
+                f"unet channels {unet.config.in_channels}/{unet.config.out_channels} must be {2 * pixels}/{pixels} "
+                f"(frame + mean frame in, frame out) for patch_size={patch_size}"
             )
+        if unet.config.num_class_embeds != num_frames:
+            raise ValueError(f"unet.num_class_embeds={unet.config.num_class_embeds} != num_frames={num_frames}")
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_dim:
+            raise ValueError(
+                f"unet.cross_attention_dim={unet.config.cross_attention_dim} != text_encoder.hidden_dim={text_encoder.config.hidden_dim}"
+            )
+        self.denoiser = unet
+        self.text_encoder = text_encoder
+        self.default_guidance_scale = float(guidance_scale)
+        self.shift = float(shift)
+        self.patch_size = int(patch_size)
         self.num_frames = int(num_frames)
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """``[B, 3, F, H, W]`` → frames stacked in channels → the image world's UNet call → back."""
-        if x_t.ndim != 5:
-            raise ValueError(f"expected video latents [B, 3, F, H, W], got {tuple(x_t.shape)}")
+        """``[B, 3, F, H, W]`` → one UNet call on the ``B·F`` frames (each with the mean frame and its index)."""
+        if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
+            raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
         b, c, f, h, w = x_t.shape
-        return super()._unet(x_t.reshape(b, c * f, h, w), t, cond).reshape(b, c, f, h, w)
+        dtype = self.denoiser.conv_in.weight.dtype
+        p = self.patch_size
+        frames = x_t.transpose(1, 2).reshape(b * f, c, h, w)  # clip-major, frame-minor
+        mean = x_t.mean(dim=2).repeat_interleave(f, dim=0)
+        x = torch.cat([Fn.pixel_unshuffle(frames, p), Fn.pixel_unshuffle(mean, p)], dim=1).to(dtype)
+        mask = cond.get("attention_mask")
+        v = self.denoiser(
+            x,
+            1000.0 * t.repeat_interleave(f).to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].repeat_interleave(f, dim=0).to(dtype),
+            encoder_attention_mask=mask.repeat_interleave(f, dim=0).to(dtype) if mask is not None else None,
+            class_labels=torch.arange(f, device=x.device).repeat(b),
+            return_dict=False,
+        )[0]
+        return Fn.pixel_shuffle(v, p).reshape(b, f, c, h, w).transpose(1, 2).to(x_t.dtype)
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """``v(x_t, t, c)`` for ``x_t [B, 3, F, 32, 32]``, ``t [B]`` in ``[0, 1]`` (CFG as the image world)."""
@@ -99,13 +145,14 @@ def build_backbone(
     encoder = WorldTextEncoder(**{"vocab": video_vocabulary(), **DEFAULT_TEXT_ENCODER, **(text_encoder or {})})
     options = {**DEFAULT_OPTIONS, **options}
     p = int(options["patch_size"])
-    channels = 3 * num_frames * p * p
+    pixels = 3 * p * p
     unet_config = {
         **DEFAULT_UNET,
         "block_out_channels": DEFAULT_CHANNELS,
         "sample_size": SIZE // p,
-        "in_channels": channels,
-        "out_channels": channels,
+        "in_channels": 2 * pixels,
+        "out_channels": pixels,
+        "num_class_embeds": num_frames,
         "cross_attention_dim": encoder.config.hidden_dim,
         **(unet or {}),
     }
@@ -146,8 +193,7 @@ def load_backbone(
     encoder = WorldTextEncoder.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
-    p = int(options.get("patch_size", 1))
-    options.setdefault("num_frames", unet.config.in_channels // (3 * p * p))
+    options.setdefault("num_frames", unet.config.num_class_embeds)
     known = {"guidance_scale", "shift", "patch_size", "num_frames"}
     backbone = VideoWorldBackbone(unet, encoder, **{k: v for k, v in options.items() if k in known})
     return backbone.to(device).eval().requires_grad_(False)

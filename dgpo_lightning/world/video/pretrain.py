@@ -14,8 +14,9 @@ base's stage-2 recipe. The EMA model is evaluated periodically on the held-out p
 (:func:`heldout_eval`: strict ``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
 
 With ``--init-image`` (``base``: the shipped image-world base) the model starts from an image-world
-checkpoint (:func:`init_from_image_model`): every frame starts as the image model's drawing, so
-pretraining only has to learn motion and the video words, not how to draw shapes.
+checkpoint (:func:`init_from_image_model`): every frame starts as the image model's drawing (each
+frame an independent image of the prompt), so pretraining has to learn motion, cross-frame
+agreement and the video words, not how to draw shapes.
 
 This module sits in the world layer, below the data/evaluation layers, so it reads the prompt files
 with :func:`~dgpo_lightning.world.video.prompts.read_records` and samples with the pure samplers.
@@ -121,35 +122,30 @@ def heldout_eval(
 def init_from_image_model(video, image) -> dict[str, int]:
     """Copy an image-world backbone's weights into a video backbone of the same widths.
 
-    UNet tensors of equal shape are copied. The frames-in-channels ends are tiled: the video input
-    channel ``(c·F + f)·p² + s`` (colour ``c``, frame ``f``, sub-pixel ``s``) takes the image's input
-    weights of channel ``c·p² + s`` divided by ``F`` (the first layer sees the mean frame), and each
-    frame's output channel takes the image's output weights and bias. The text encoder copies its
+    UNet tensors of equal shape are copied; the input convolution takes the image's weights on the
+    frame's own channels and zeros on the mean-frame channels, and the frame embedding starts at
+    zero, so every frame's velocity is the image model's at the start. The text encoder copies its
     layers, positions and the embeddings of the words both vocabularies have. Returns counts of
-    ``copied`` / ``tiled`` tensors and ``words`` shared.
+    ``copied`` / ``zeroed`` tensors and ``words`` shared.
     """
-    frames, p2 = video.num_frames, video.patch_size ** 2
-    if image.patch_size ** 2 != p2:
+    if image.patch_size != video.patch_size:
         raise ValueError(f"patch sizes differ: image {image.patch_size}, video {video.patch_size}")
     image_unet = image.denoiser.state_dict()
-    counts = {"copied": 0, "tiled": 0, "words": 0}
+    counts = {"copied": 0, "zeroed": 0, "words": 0}
     for name, value in video.denoiser.state_dict().items():
         source = image_unet.get(name)
-        if source is None:
-            raise ValueError(f"the image UNet has no {name}: the architectures differ")
-        if source.shape == value.shape:
+        if source is not None and source.shape == value.shape:
             value.copy_(source)
             counts["copied"] += 1
-            continue
-        channel = torch.arange(3 * frames * p2)
-        image_channel = (channel // (frames * p2)) * p2 + channel % p2  # c·p² + s of video channel (c·F + f)·p² + s
-        if name == "conv_in.weight":
-            value.copy_(source[:, image_channel] / frames)
-        elif name in ("conv_out.weight", "conv_out.bias"):
-            value.copy_(source[image_channel])
+        elif name == "conv_in.weight" and source is not None and value.shape[1] == 2 * source.shape[1]:
+            value.zero_()
+            value[:, : source.shape[1]] = source
+            counts["zeroed"] += 1
+        elif name.startswith("class_embedding."):
+            value.zero_()
+            counts["zeroed"] += 1
         else:
-            raise ValueError(f"{name}: image {tuple(source.shape)} vs video {tuple(value.shape)} cannot be mapped")
-        counts["tiled"] += 1
+            raise ValueError(f"{name}: no image weight of a matching shape (the architectures differ)")
     image_text, video_text = image.text_encoder.state_dict(), video.text_encoder.state_dict()
     for name, value in video_text.items():
         if name == "token_embedding.weight":
