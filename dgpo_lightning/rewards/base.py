@@ -89,6 +89,9 @@ def place_model(model: torch.nn.Module, device: torch.device) -> None:
 
 def check_images(name: str, images: Tensor, prompts: Sequence[str] | None = None) -> None:
     """Refuse anything but ``images [B, 3, H, W]`` (with ``B`` prompts, when given), naming the reward."""
+    if images.ndim == 5 and images.shape[2] == 3:
+        raise ValueError(f"reward {name!r} scores images but got videos {tuple(images.shape)}: "
+                         f"score the frames with the frame_mean reward (reward: {name})")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"reward {name!r}: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
     if prompts is not None and len(prompts) != images.shape[0]:

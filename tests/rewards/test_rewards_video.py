@@ -157,3 +157,10 @@ def test_weighted_video_rewards_score_decoded_videos():
     parts = weighted.components(videos, PROMPTS, batch_size=1)
     assert parts.keys() == {"frame_mean", "temporal_consistency"} and parts["frame_mean"].shape == (2,)
     torch.testing.assert_close(weighted.total(parts), parts["frame_mean"] + 0.5 * parts["temporal_consistency"])
+
+
+def test_an_image_reward_given_videos_points_to_frame_mean():
+    from dgpo_lightning.rewards.base import check_images
+
+    with pytest.raises(ValueError, match="frame_mean"):
+        check_images("sharpness", torch.rand(2, 4, 3, 8, 8))
