@@ -1,7 +1,7 @@
 """``DGPOModule``: the Lightning glue around a backbone, its reference and a training objective.
 
 The maths lives in :mod:`dgpo_lightning.algo` (losses), :mod:`dgpo_lightning.objectives` (one file
-per algorithm: DGPO, Flow-GRPO, online Diffusion-DPO), :mod:`dgpo_lightning.models.reference` (the
+per algorithm: DGPO, Flow-GRPO, online Diffusion-DPO, DiffusionNFT, TDM-R1), :mod:`dgpo_lightning.models.reference` (the
 reference and the old policy) and :mod:`dgpo_lightning.evaluation` (held-out evaluation). This
 module builds them, runs the optimizer, logs and trims checkpoints.
 """
@@ -82,6 +82,14 @@ class DGPOModule(L.LightningModule):
         offload_reference: full fine-tuning: keep the frozen reference copy on the CPU except for
             its forward passes.
         seed: timesteps and noise of step ``s`` for group ``g`` are drawn from ``(seed, s, g)``.
+
+    Auxiliary models. An objective may declare extra models (``Objective.auxiliary_models``; TDM-R1:
+    teacher, fake score, surrogate reward, old surrogate). ``configure_model`` builds them from the
+    freshly loaded backbone into ``self.auxiliary`` (so the Trainer moves them and checkpoints hold
+    them); ``configure_optimizers`` returns the online optimizer first, then one AdamW per trained
+    auxiliary model; the objective steps those inside its step (``TrainContext.step_auxiliary``, plain
+    optimizer steps, so ``global_step`` counts the online model's steps only); their frozen weights are
+    trimmed from checkpoints unless they move (an EMA copy).
     """
 
     def __init__(

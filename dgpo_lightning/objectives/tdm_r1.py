@@ -192,6 +192,8 @@ class TDMR1(Objective):
               f"and model.t_max are not used by tdm_r1 (its bounds are {_KEY}.t_min_reward / t_min_generator); keep 0 and 1")
         check(settings.train_guidance_scale == 1.0, "model.train_guidance_scale", settings.train_guidance_scale,
               "must be 1 for tdm_r1 (the generator's one-step prediction has no CFG; teacher_guidance / surrogate_guidance set the others)")
+        check(settings.reference_guidance_scale is None, "model.reference_guidance_scale", settings.reference_guidance_scale,
+              f"is not used by tdm_r1 (the teacher's CFG is {_KEY}.teacher_guidance); set it to null")
         self.trained_steps, self.fake_reg = trained_steps, float(fake_reg)
         self.surrogate_beta, self.surrogate_reg, self.surrogate_clip = float(surrogate_beta), float(surrogate_reg), float(surrogate_clip)
         self.reference_clip_threshold = float(reference_clip_threshold)
@@ -351,7 +353,7 @@ class TDMR1(Objective):
         x_tau = forward_transition(x, a, tau, noise).x_tau
         target = surrogate_target(x, noise, a, tau)
         taus = x.new_full((n,), tau)
-        group_ids, groups = batch.group_index.to(device).unique(return_inverse=True)
+        _, groups = batch.group_index.to(device).unique(return_inverse=True)
         advantages = batch.advantages.to(device).clamp(-self.advantage_clip, self.advantage_clip)
         surrogate, old = ctx.auxiliary["surrogate"], ctx.auxiliary["old_surrogate"]
         size = self.settings.micro_batch_size or n
@@ -395,7 +397,6 @@ class TDMR1(Objective):
                                             group_weight=sigma[idx], num_samples=n)
             return weight * (loss + self.surrogate_reg * reg.sum() / n) / m, {}
 
-        del group_ids
         return micro_batched_backward(ctx, self._chunks(n, device), forward, loss_of, couple=couple).stats
 
     def _generator_step(self, batch: GroupBatch, ctx: TrainContext, cond: Conditioning, level: dict, noise: Tensor,

@@ -339,6 +339,7 @@ def test_a_batch_without_trajectory_is_refused(module):
         (dict(timesteps_per_sample=4), r"model\.timesteps_per_sample"),
         (dict(t_min=0.3), r"model\.t_min"),
         (dict(kl_beta=0.1), r"model\.kl_beta"),
+        (dict(reference_guidance_scale=4.5), r"model\.reference_guidance_scale"),
     ],
 )
 def test_bad_options_name_the_key(tiny_world_path, kwargs, key):
