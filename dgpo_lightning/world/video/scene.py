@@ -1,7 +1,7 @@
 """Clips of the embedded video world: the image world's shapes moving across its 3×3 grid.
 
-A clip is ``[F, 3, size, size]`` in ``[0, 1]`` (``F = FRAMES = 2`` frames of 32×32 by default: the
-shipped model's; the renderer and the reward take any ``F``, see ``FRAMES``), each
+A clip is ``[F, 3, size, size]`` in ``[0, 1]`` (``F = FRAMES = 2`` frames of 32×32 by default, the
+shipped model's; the renderer and the reward take any ``F``), each
 frame drawn like an image of :mod:`dgpo_lightning.world.scene` (same classes, palette, object size,
 anti-aliased coverage ``scene._coverage``), with every object on a straight track. An object's size
 and jitter are drawn once per clip, so identity (class, colour, size) is constant across frames and
@@ -44,10 +44,9 @@ from dgpo_lightning.world.scene import (
     random_choice,
 )
 
-#: Frames of the shipped clips. Two: a frames-in-channels UNet of the image world's widths carries
-#: 12·F input channels through its 32-channel first block, and at F = 4 (48 channels) it could not
-#: pass the per-frame noise through (pretraining loss stalled at ≈ 0.7, 15× the image model's;
-#: see checkpoints/base/MODEL_CARD.md). Four frames need a first block of ≥ 64 channels.
+#: Frames of the shipped clips. The shipped model runs the image UNet once per frame, so a rollout
+#: costs F image rollouts; two frames (before/after) keep a 16-clip group near 2 image groups on one
+#: thread. The renderer and the reward take any number of frames.
 FRAMES = 2
 SIZE = 32
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
