@@ -194,6 +194,10 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
             "minutes_to_target": statistics.mean(reached) / 60 if reached else float("nan"),
             "reached_target": f"{len(reached)}/{len(seeds)}",
             "images": statistics.mean(rows[-1]["images"] for rows in seeds),
+            "train_minutes": statistics.mean(rows[-1]["seconds"] for rows in seeds) / 60,
+            # where the training wall-clock went (ScoreHistory's cost split; absent in old runs)
+            "rollout_minutes": statistics.mean(rows[-1].get("rollout_seconds", float("nan")) for rows in seeds) / 60,
+            "update_minutes": statistics.mean(rows[-1].get("train_seconds", float("nan")) for rows in seeds) / 60,
         })
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -204,22 +208,24 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
     with (results / f"{suite}.md").open("w") as handle:
         if own_starts:
             handle.write(f"### {suite}\n\nEach run starts from its own model and sampler (start column); gain is over that start.\n\n")
-            handle.write("| run | seeds | start (sharpness) | final (mean ± std) | gain | sharpness | images |\n")
-            handle.write("|---|---|---|---|---|---|---|\n")
+            handle.write("| run | seeds | start (sharpness) | final (mean ± std) | gain | sharpness | images | training min (rollouts / updates) |\n")
+            handle.write("|---|---|---|---|---|---|---|---|\n")
             for row in lines:
                 handle.write(
                     f"| {row['run']} | {row['seeds']} | {row['start']:.3f} ({row['start_quality_proxy']:.3f}) "
                     f"| {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
-                    f"| {row['quality_proxy']:.4f} | {row['images']:.0f} |\n"
+                    f"| {row['quality_proxy']:.4f} | {row['images']:.0f} "
+                    f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
         else:
             handle.write(f"### {suite}\n\nbase {METRIC} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
-            handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images |\n")
-            handle.write("|---|---|---|---|---|---|---|---|\n")
+            handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images | training min (rollouts / updates) |\n")
+            handle.write("|---|---|---|---|---|---|---|---|---|\n")
             for row in lines:
                 handle.write(
                     f"| {row['run']} | {row['seeds']} | {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
-                    f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} |\n"
+                    f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} "
+                    f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
         reference = lines[0]
         if suite == "speed" and reference["minutes_to_target"] == reference["minutes_to_target"]:

@@ -44,4 +44,5 @@ def test_runs_with_their_own_starting_model_are_scored_against_their_own_start(t
     table = (tmp_path / "results" / "few.md").read_text()
     assert "start (sharpness)" in table
     assert "| student | 2 | 0.300 (1.500) | 0.420 ± 0.020 | +0.120 |" in table
+    assert "| 1.0 (nan / nan) |" in table  # training minutes; the phase split of runs that logged one
     assert "| base | 2 | 0.310 (1.800) | 0.360 ± 0.010 | +0.050 |" in table
