@@ -105,9 +105,9 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.default_root_dir={directory}",
         # The budget is training time (evaluation excluded), checked at each evaluation; max_time
-        # is only a safety net.
+        # (wall-clock, evaluations included) is only a safety net against a run that never evaluates.
         f"--trainer.callbacks.init_args.max_training_minutes={minutes}",
-        f"--trainer.max_time=00:00:{2 * seconds // 60:02d}:00",
+        f"--trainer.max_time=00:{(4 * seconds + 1200) // 3600:02d}:{(4 * seconds + 1200) // 60 % 60:02d}:00",
         "--trainer.max_epochs=100000",
         f"--trainer.check_val_every_n_epoch={eval_every}",
         "--trainer.enable_progress_bar=false",
