@@ -67,7 +67,7 @@ def export_model(module: L.LightningModule, target: str | Path) -> Path:
         from dgpo_lightning.models.lora import save_lora
 
         save_lora(backbone, target / "adapter")
-    if hp.backbone == "world":
+    if hp.backbone in ("world", "world_video"):
         from dgpo_lightning.world.backbone import save_backbone
 
         if hp.finetune == "lora":

@@ -150,6 +150,14 @@ def build_weighted(spec: Mapping[str, float] | Sequence[str], **kwargs_by_name: 
     return WeightedReward({n: build(n, **dict(kwargs_by_name.get(n, {}))) for n in weights}, weights)
 
 
+#: Rewards defined above this layer, by module string (importing the module registers them), so a
+#: config can name them without importing anything first and this layer never imports the world.
+REWARD_PROVIDERS: dict[str, str] = {
+    "world_video": "dgpo_lightning.world.video.reward",
+    "world_video_partial": "dgpo_lightning.world.video.reward",
+}
+
+
 def _import_builtin_rewards() -> None:
     # Importing the modules registers their rewards; heavy libraries are imported lazily inside them.
     import importlib
@@ -160,3 +168,5 @@ def _import_builtin_rewards() -> None:
     for module in pkgutil.iter_modules(package.__path__):
         if module.name != "base":
             importlib.import_module(f"{package.__name__}.{module.name}")
+    for provider in sorted(set(REWARD_PROVIDERS.values())):
+        importlib.import_module(provider)

@@ -128,3 +128,15 @@ def test_an_empty_clip_scores_zero_on_every_task_and_both_rewards():
     empty = [torch.zeros(FRAMES, 3, 32, 32)] * len(records)
     strict, partial = scores(empty, records)
     assert strict == [0.0] * len(records) and partial == [0.0] * len(records)
+
+
+def test_the_rewards_registry_finds_the_video_rewards_by_name_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from dgpo_lightning.rewards import available, build\n"
+            "names = available()\n"
+            "assert 'world_video' in names and 'world_video_partial' in names, names\n"
+            "print(type(build('world_video_partial')).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,10 +1,9 @@
 """The video world's programmatic reward: the world detector on every frame plus temporal rules.
 
 ``world_video`` (strict 0/1) and ``world_video_partial`` (graded) are registered in the rewards'
-registry when this module (or the package :mod:`dgpo_lightning.world.video`) is imported: the world
-sits above the rewards, as for its detector. The rewards' registry has no module-string table for
-rewards yet (the detectors have ``geneval_rules.DETECTOR_PROVIDERS``), so a config naming these
-rewards needs the package imported first.
+registry when this module is imported; the registry names this module by string
+(``rewards.base.REWARD_PROVIDERS``), so a config can name the rewards without importing anything
+first while the rewards layer never imports the world (which sits above it).
 
 A reward call takes videos ``[B, F, 3, H, W]`` in ``[0, 1]``, the prompts and the prompt records
 (:mod:`dgpo_lightning.world.video.scene` schema). Every frame is read by
