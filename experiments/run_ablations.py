@@ -235,13 +235,16 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
                 note = f"{ratio:.1f}x" if ratio == ratio else "did not reach the target in the budget"
                 handle.write(f"- {reference['run']} vs {row['run']}: {note}\n")
     figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, seeds in runs.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, (name, seeds) in enumerate(runs.items()):
+        color = colors[number % len(colors)]  # one colour per method, one line per seed
         for index, rows in enumerate(seeds):
             kwargs = {"label": name} if index == 0 else {}
-            color = by_time.plot([r["seconds"] / 60 for r in rows], [r[METRIC] for r in rows], alpha=0.8, **kwargs)[0].get_color()
-            by_images.plot([r["images"] for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color)
+            by_time.plot([r["seconds"] / 60 for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color, marker=".", **kwargs)
+            by_images.plot([r["images"] for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color, marker=".")
     for axis, label in ((by_time, "training wall-clock (min)"), (by_images, "rollout images generated")):
-        axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+        if not own_starts:  # a common target only means something from a common start
+            axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(label)
         axis.set_ylabel(f"held-out {METRIC}")
         axis.grid(alpha=0.3)
