@@ -46,7 +46,8 @@ from dgpo_lightning.models.ema import ema_update_
 from dgpo_lightning.sampling import flow_sigmas, ode_dpm
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone, save_backbone
-from dgpo_lightning.world.pretrain import TaskBalancedPrompts, world_records
+from dgpo_lightning.world.pretrain import world_records
+from dgpo_lightning.world.training import TaskBalancedPrompts
 
 
 def segment_targets(teacher_velocity, states: Tensor, sigmas: Tensor, fine: Tensor, substeps: int) -> Tensor:

@@ -39,12 +39,12 @@ from typing import Any, Sequence
 
 import torch
 
-from dgpo_lightning.algo.flow import denoising_error, flow_interpolate, velocity_target
 from dgpo_lightning.data.prompts import read_prompt_file
 from dgpo_lightning.models.ema import ema_update_
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
-from dgpo_lightning.world.scene import corrupt_metadata, random_choice, render_prompt, validate_metadata
+from dgpo_lightning.world.scene import validate_metadata
+from dgpo_lightning.world.training import TaskBalancedPrompts, flow_matching_loss, render_batch  # noqa: F401  (re-exported)
 
 
 def world_records(spec: str | Path) -> list[dict]:
@@ -65,48 +65,6 @@ def world_records(spec: str | Path) -> list[dict]:
 
 #: Full training state (online weights, EMA, optimizer) written next to the EMA checkpoint for --resume.
 TRAIN_STATE = "train_state.pt"
-
-
-class TaskBalancedPrompts:
-    """Draws prompt records: a task uniformly over the tasks present, then a record of that task."""
-
-    def __init__(self, records: Sequence[dict], generator: torch.Generator):
-        self.by_task: dict[str, list[dict]] = {}
-        for record in records:
-            self.by_task.setdefault(record["tag"], []).append(record)
-        self.tasks = sorted(self.by_task)
-        self.generator = generator
-
-    def draw(self, count: int) -> list[dict]:
-        tasks = torch.randint(len(self.tasks), (count,), generator=self.generator).tolist()
-        out = []
-        for task in tasks:
-            pool = self.by_task[self.tasks[task]]
-            out.append(random_choice(pool, self.generator))
-        return out
-
-
-def render_batch(records: Sequence[dict], generator: torch.Generator, caption_noise: float = 0.0) -> torch.Tensor:
-    """Fresh random scenes ``[B, 3, 32, 32]`` in ``[0, 1]`` for ``records``.
-
-    With probability ``caption_noise`` per record the scene is drawn for
-    :func:`~dgpo_lightning.world.scene.corrupt_metadata` of it instead (its caption stays).
-    """
-    images = []
-    for record in records:
-        if caption_noise and float(torch.rand((), generator=generator)) < caption_noise:
-            record = corrupt_metadata(record, generator)
-        images.append(render_prompt(record, generator))
-    return torch.stack(images)
-
-
-def flow_matching_loss(backbone, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-    """Mean ``‖v_θ(x_t, t, c) − (ε − x0)‖²`` with ``t ~ U[0, 1]``, ``x0 = encode(images)``."""
-    x0 = backbone.encode(images)
-    noise = torch.randn(x0.shape, generator=generator)
-    t = torch.rand(x0.shape[0], generator=generator)
-    v = backbone.velocity(flow_interpolate(x0, noise, t), t, backbone.encode_prompts(prompts))
-    return denoising_error(v, velocity_target(x0, noise)).mean()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

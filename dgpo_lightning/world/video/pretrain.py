@@ -34,12 +34,12 @@ from typing import Any, Sequence
 
 import torch
 
-from dgpo_lightning.algo.flow import denoising_error, flow_interpolate, velocity_target
+from dgpo_lightning.world import training as world_training
+from dgpo_lightning.world.training import TaskBalancedPrompts, flow_matching_loss
 from dgpo_lightning.models.ema import ema_update_
 from dgpo_lightning.sampling.noise import initial_noise
 from dgpo_lightning.sampling.ode import ode_dpm
 from dgpo_lightning.sampling.schedule import flow_sigmas
-from dgpo_lightning.world.scene import random_choice
 from dgpo_lightning.world.video.backbone import build_backbone, load_backbone, save_backbone
 from dgpo_lightning.world.video.prompts import read_records
 from dgpo_lightning.world.video.reward import VideoWorldReward
@@ -48,38 +48,9 @@ from dgpo_lightning.world.video.scene import corrupt_metadata, render_prompt
 TRAIN_STATE = "train_state.pt"
 
 
-class TaskBalancedPrompts:
-    """Draws records: a task uniformly over the tasks present, then a record of that task."""
-
-    def __init__(self, records: Sequence[dict], generator: torch.Generator):
-        self.by_task: dict[str, list[dict]] = {}
-        for record in records:
-            self.by_task.setdefault(record["tag"], []).append(record)
-        self.tasks = sorted(self.by_task)
-        self.generator = generator
-
-    def draw(self, count: int) -> list[dict]:
-        tasks = torch.randint(len(self.tasks), (count,), generator=self.generator).tolist()
-        return [random_choice(self.by_task[self.tasks[t]], self.generator) for t in tasks]
-
-
 def render_batch(records: Sequence[dict], generator: torch.Generator, caption_noise: float = 0.0) -> torch.Tensor:
     """Fresh clips ``[B, F, 3, 32, 32]``; with probability ``caption_noise`` a record is corrupted first."""
-    clips = []
-    for record in records:
-        if caption_noise and float(torch.rand((), generator=generator)) < caption_noise:
-            record = corrupt_metadata(record, generator)
-        clips.append(render_prompt(record, generator))
-    return torch.stack(clips)
-
-
-def flow_matching_loss(backbone, videos: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-    """Mean ``‖v_θ(x_t, t, c) − (ε − x0)‖²`` with ``t ~ U[0, 1]``, ``x0 = encode(videos)``."""
-    x0 = backbone.encode(videos)
-    noise = torch.randn(x0.shape, generator=generator)
-    t = torch.rand(x0.shape[0], generator=generator)
-    v = backbone.velocity(flow_interpolate(x0, noise, t), t, backbone.encode_prompts(prompts))
-    return denoising_error(v, velocity_target(x0, noise)).mean()
+    return world_training.render_batch(records, generator, caption_noise, render=render_prompt, corrupt=corrupt_metadata)
 
 
 @torch.no_grad()
