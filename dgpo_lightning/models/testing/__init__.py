@@ -164,21 +164,17 @@ def tiny_t5_encoder(tokenizer, width: int):
     matched to ``tokenizer`` (vocabulary, pad / eos ids); seeded by the caller."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=width,
-            d_kv=8,
-            d_ff=40,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+    return T5EncoderModel(T5Config(**tiny_t5_config(tokenizer, width)))
+
+
+def tiny_t5_config(tokenizer, width: int) -> dict:
+    """The tiny T5-family encoder config (2 layers, 4 heads of 8, gated GELU) shared by the T5 and
+    UMT5 stand-ins, matched to ``tokenizer``."""
+    return dict(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
 
 

@@ -44,22 +44,9 @@ def tiny_umt5_encoder(tokenizer, width: int):
     seeded by the caller."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=width,
-            d_kv=8,
-            d_ff=40,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    from dgpo_lightning.models.testing import tiny_t5_config
+
+    return UMT5EncoderModel(UMT5Config(**tiny_t5_config(tokenizer, width)))
 
 
 def tiny_wan_vae(latent_channels: int, seed: int = 0):
