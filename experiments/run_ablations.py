@@ -265,10 +265,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one CPU thread each)")
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RUN", help="only these runs of the suite (names as in the tables)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra CLI override for every run, e.g. --set model.model_path=DIR")
     args = parser.parse_args()
     EXTRA.extend(f"--{item}" for item in args.set)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.only:
+        known = {name for suite in suites for name, _ in SUITES[suite]}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"--only: no run named {unknown} in {suites}; runs: {sorted(known)}")
+        for suite in suites:
+            SUITES[suite] = [(name, configs) for name, configs in SUITES[suite] if name in args.only]
     base = base_row(args.out)
     starts = {tuple(start_configs(configs)) for suite in suites for _, configs in SUITES[suite]} - {()}
     start_rows = {start: base_row(args.out, list(start)) for start in sorted(starts)}
