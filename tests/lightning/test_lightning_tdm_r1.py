@@ -105,17 +105,17 @@ def parse(*args):
 
 
 def test_world_config_composes_after_dgpo_and_trains_a_step(tmp_path):
-    """world_dgpo.yaml + world_tdmr1.yaml with the shipped base as the student (model_path null until the
-    student ships): the official values arrive, the teacher loads from its path, one update runs."""
+    """world_dgpo.yaml + world_tdmr1.yaml: the shipped student and teacher by name, the official values
+    arrive, the teacher loads from its path, one update runs."""
     cli = parse(
         "--config", str(EXPERIMENTS / "base" / "world_dgpo.yaml"), "--config", str(EXPERIMENTS / "base" / "world_tdmr1.yaml"),
-        "--model.model_path=null", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
         "--data.group_size=2", "--data.prompts_per_rank=2", "--data.groups_per_batch=2", "--data.eval_prompts=null",
         "--data.progress=false", "--trainer.enable_progress_bar=false",
     )
     hp, data, objective = cli.model.hparams, cli.datamodule.hparams, cli.model.objective
     assert hp.algorithm == "tdm_r1" and objective.surrogate_guidance == 2.5 and objective.t_min_generator == 0.25
-    assert objective.teacher_path.endswith("checkpoints/base") and objective.aux_finetune == "lora"
+    assert hp.model_path == "world:student4" and objective.teacher_path == "world:base" and objective.aux_finetune == "lora"
     assert (data.sampler, data.num_steps, data.shift, data.guidance_scale) == ("ode_euler", 4, 3.0, 1.0)
     ema = [c for c in cli.trainer.callbacks if type(c).__name__ == "EMAWeightAveraging"]
     assert len(ema) == 1
