@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from dgpo_lightning.models.ema import ema_update_
-from dgpo_lightning.sampling import flow_sigmas, ode_dpm
+from dgpo_lightning.sampling import flow_sigmas, ode_dpm, ode_euler
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import load_backbone, save_backbone
 from dgpo_lightning.world.pretrain import world_records
@@ -170,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cond = teacher.encode_prompts(texts)
             noise = torch.randn((args.batch_size, *student.latent_shape()), generator=generator)
             student.denoiser.eval()
-            rollout = torch.stack(_euler_states(student, noise, sigmas, cond))
-            states = rollout[:-1]
+            # [S + 1, B, ...] states of the student's own rollout; segments start from the first S
+            states = ode_euler(lambda x, t: student.velocity(x, t, cond), noise, sigmas, return_trajectory=True).trajectory[:-1]
             targets = segment_targets(lambda x, t: teacher.velocity(x, t, cond), states, sigmas, fine, args.substeps)
         student.denoiser.train()
         loss = segment_loss(student, states, targets, sigmas, cond)
@@ -194,14 +194,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     with torch.no_grad():
         record(args.final_eval_images)
     print(f"done: {step} steps in {history[-1]['minutes']:.1f} min; EMA student in {out}")
-
-
-def _euler_states(model, noise: Tensor, sigmas: Tensor, cond) -> list[Tensor]:
-    """``[x_0 = noise, x_1, …, x_S]`` of ``model``'s Euler rollout on ``sigmas``."""
-    from dgpo_lightning.sampling import ode_euler
-
-    trajectory = ode_euler(lambda x, t: model.velocity(x, t, cond), noise, sigmas, return_trajectory=True).trajectory
-    return list(trajectory)
 
 
 if __name__ == "__main__":

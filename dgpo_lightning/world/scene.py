@@ -109,14 +109,9 @@ def render(
 # --------------------------------------------------------------------------- metadata
 
 
-def validate_metadata(metadata: Any, *, where: str = "") -> None:
-    """Raise ``ValueError`` unless ``metadata`` is a GenEval record this world can render.
-
-    Checks the schema (``tag``, ``prompt``, non-empty ``include``; clauses with ``class``/``count``,
-    optional ``color`` and ``position``; optional ``exclude``), that every class, colour, relation
-    and count is known/valid, that a ``position`` points at an EARLIER include clause (GenEval
-    needs the target's matched objects when it reaches the clause), and that the scene fits on the grid.
-    """
+def check_record_header(metadata: Any, tags: Sequence[str], *, where: str = "", tags_label: str = "known tags"):
+    """Check what every world's prompt record starts with (a JSON object, a known ``tag``, a non-empty
+    ``prompt``) and return the ``fail(message)`` that raises ``ValueError`` prefixed with ``where``."""
     prefix = f"{where}: " if where else ""
 
     def fail(message: str) -> None:
@@ -125,10 +120,22 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
     if not isinstance(metadata, Mapping):
         fail(f"a prompt record must be a JSON object, got {type(metadata).__name__}")
     tag = metadata.get("tag")
-    if tag not in TAGS:
-        fail(f"unknown tag {tag!r}; known tags: {', '.join(TAGS)}")
+    if tag not in tags:
+        fail(f"unknown tag {tag!r}; {tags_label}: {', '.join(tags)}")
     if not isinstance(metadata.get("prompt"), str) or not metadata["prompt"].strip():
         fail("record has no 'prompt' text")
+    return fail
+
+
+def validate_metadata(metadata: Any, *, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``metadata`` is a GenEval record this world can render.
+
+    Checks the schema (``tag``, ``prompt``, non-empty ``include``; clauses with ``class``/``count``,
+    optional ``color`` and ``position``; optional ``exclude``), that every class, colour, relation
+    and count is known/valid, that a ``position`` points at an EARLIER include clause (GenEval
+    needs the target's matched objects when it reaches the clause), and that the scene fits on the grid.
+    """
+    fail = check_record_header(metadata, TAGS, where=where, tags_label="known tags")
     include = metadata.get("include")
     if not isinstance(include, list) or not include:
         fail("record needs a non-empty 'include' list of clauses")

@@ -41,6 +41,7 @@ from dgpo_lightning.world.scene import (
     SIZE_JITTER,
     SUPERSAMPLE,
     _coverage,
+    check_record_header,
     random_choice,
 )
 
@@ -154,18 +155,8 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
     classes (count 1) for ``relative_motion``, one clause with ``count`` in 2..4 (and an optional
     ``exclude`` of ``count + 1``) for ``counting``.
     """
-    prefix = f"{where}: " if where else ""
-
-    def fail(message: str) -> None:
-        raise ValueError(prefix + message)
-
-    if not isinstance(metadata, Mapping):
-        fail(f"a prompt record must be a JSON object, got {type(metadata).__name__}")
+    fail = check_record_header(metadata, TAGS, where=where, tags_label="the video world's tags")
     tag = metadata.get("tag")
-    if tag not in TAGS:
-        fail(f"unknown tag {tag!r}; the video world's tags: {', '.join(TAGS)}")
-    if not isinstance(metadata.get("prompt"), str) or not metadata["prompt"].strip():
-        fail("record has no 'prompt' text")
     motion = metadata.get("motion")
     allowed = RELATIVE_MOTIONS if tag == "relative_motion" else DIRECTIONS
     if motion not in allowed:
