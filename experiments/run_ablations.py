@@ -19,12 +19,39 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-BASE = ROOT / "base" / "world_dgpo.yaml"
-METRIC = "eval/geneval"
-QUALITY = "eval/sharpness"
+
+
+@dataclass(frozen=True)
+class World:
+    """What a suite's runs share: the config every run composes onto, the held-out metric its tables
+    report, an optional out-of-domain quality proxy, and the evaluation overrides of every run."""
+
+    name: str
+    base: Path
+    metric: str
+    quality: str | None
+    eval_args: tuple[str, ...]
+
+
+WORLDS = {
+    # GenEval plus the out-of-domain sharpness proxy; 2 images per prompt, topped up so that every
+    # task is scored from at least 32 images.
+    "image": World(
+        "image", ROOT / "base" / "world_dgpo.yaml", "eval/geneval", "eval/sharpness",
+        ("--data.eval_rewards=[geneval, sharpness]", "--data.eval_images_per_prompt=2", "--data.eval_min_images_per_task=32"),
+    ),
+    # The strict video reward on the held-out clips, as many clips per task (the motion tasks have 2
+    # prompts per split).
+    "video": World(
+        "video", ROOT / "base" / "world_video_dgpo.yaml", "eval/world_video", None,
+        ("--data.eval_rewards=[world_video]", "--data.eval_images_per_prompt=2", "--data.eval_min_images_per_task=32"),
+    ),
+}
+IMAGE = WORLDS["image"]
 
 #: suite -> list of (run name, extra config files relative to experiments/). ``[]`` is DGPO as
 #: configured in base/world_dgpo.yaml (ODE rollouts, G=8, t_min 0.3, |A| weights); the suites share
@@ -56,7 +83,18 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("dgpo (student, 4 NFE)", ["base/world_student4.yaml"]),
         ("dgpo (base, 10 steps)", []),
     ],
+    # Open question 1 (video): DGPO and Flow-GRPO on the embedded video world at equal wall-clock.
+    "video": [
+        ("dgpo", []),
+        ("flow_grpo", ["base/world_video_flow_grpo.yaml"]),
+    ],
 }
+#: Suites outside the image world (every other suite runs on WORLDS["image"]).
+SUITE_WORLD: dict[str, str] = {"video": "video"}
+
+
+def suite_world(suite: str) -> World:
+    return WORLDS[SUITE_WORLD.get(suite, "image")]
 
 #: Runs that do not start from the shipped base at 10 steps: their starting evaluation uses these
 #: configs (the model and the evaluation sampler), so each row's gain is over its own start.
@@ -74,24 +112,18 @@ def start_configs(configs: list[str]) -> list[str]:
     return []
 
 
-def run_dir(out: Path, configs: list[str], seed: int) -> Path:
-    """A run's directory, named by its configuration: suites that run the same one share it."""
+def run_dir(out: Path, configs: list[str], seed: int, world: World = IMAGE) -> Path:
+    """A run's directory, named by its world and configuration: suites that run the same one share it."""
     name = "+".join(Path(c).with_suffix("").as_posix().removeprefix("ablations/").replace("/", "_") for c in configs)
-    return out / "runs" / (name or "dgpo") / f"seed{seed}"
+    name = name or "dgpo"
+    return out / "runs" / (name if world is IMAGE else f"{world.name}_{name}") / f"seed{seed}"
 
 
 EXTRA: list[str] = []  # --set overrides, appended to every run's command
-#: Held-out evaluation of every run and of the base: GenEval plus the out-of-domain sharpness proxy;
-#: 2 images per prompt, topped up so that every task is scored from at least 32 images.
-EVAL_ARGS = [
-    "--data.eval_rewards=[geneval, sharpness]",
-    "--data.eval_images_per_prompt=2",
-    "--data.eval_min_images_per_task=32",
-]
 
 
-def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every: int) -> Path:
-    directory = run_dir(out, configs, seed)
+def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every: int, world: World = IMAGE) -> Path:
+    directory = run_dir(out, configs, seed, world)
     label = directory.parent.name
     if (directory / "done").exists():
         print(f"[skip] {label} seed {seed}: done")
@@ -100,7 +132,7 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
     seconds = int(minutes * 60)
     command = [
         sys.executable, "-m", "dgpo_lightning", "fit",
-        "--config", str(BASE),
+        "--config", str(world.base),
         *[arg for config in configs for arg in ("--config", str(ROOT / config))],
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.default_root_dir={directory}",
@@ -112,7 +144,7 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
         f"--trainer.check_val_every_n_epoch={eval_every}",
         "--trainer.enable_progress_bar=false",
         "--data.progress=false",
-        *EVAL_ARGS,
+        *world.eval_args,
         *EXTRA,
     ]
     print(f"[run] {label} seed {seed} ({minutes} min)", flush=True)
@@ -135,19 +167,19 @@ def read_history(directory: Path, name: str = "eval_history.csv") -> list[dict[s
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def base_row(out: Path, configs: list[str] | None = None) -> dict[str, float]:
+def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) -> dict[str, float]:
     """The starting model's evaluation (identical for every seed: same model, prompts and seeds);
-    ``configs`` (see :func:`start_configs`) select another starting model than the shipped base."""
+    ``configs`` (see :func:`start_configs`) select another starting model than the world's shipped base."""
     configs = configs or []
     name = "base" if not configs else "start_" + "+".join(Path(c).with_suffix("").name for c in configs)
-    directory = out / "runs" / name
+    directory = out / "runs" / (name if world is IMAGE else f"{world.name}_{name}")
     if not (directory / "done").exists():
         directory.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(BASE),
+            sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(world.base),
             *[arg for config in configs for arg in ("--config", str(ROOT / config))],
             f"--trainer.default_root_dir={directory}",
-            "--trainer.enable_progress_bar=false", *EVAL_ARGS, *EXTRA,
+            "--trainer.enable_progress_bar=false", *world.eval_args, *EXTRA,
         ]
         with (directory / "log.txt").open("w") as log:
             if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
@@ -156,37 +188,75 @@ def base_row(out: Path, configs: list[str] | None = None) -> dict[str, float]:
     return read_history(directory, "eval_validate.csv")[0]
 
 
-def time_to(rows: list[dict[str, float]], target: float) -> float | None:
+def time_to(rows: list[dict[str, float]], target: float, metric: str = IMAGE.metric, key: str = "seconds") -> float | None:
+    """``key`` (training seconds, or ``images``) at the first evaluation scoring at least ``target``."""
     for row in rows:
-        if row[METRIC] >= target:
-            return row["seconds"]
+        if row[metric] >= target:
+            return row[key]
     return None
 
 
-def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Path) -> None:
+#: Suites whose first run is timed against the others to the common target.
+SPEED_SUITES = ("speed", "video")
+
+
+def speed_up_lines(runs: dict[str, list[list[dict[str, float]]]], target: float, metric: str) -> str:
+    """Markdown lines: the first run's time-to-target and images-to-target ratios against every other
+    run, over the seeds both runs share (paired by seed), mean ± std; a seed where either run missed
+    the target is counted as such and left out of the ratio."""
+    names = list(runs)
+    reference = runs[names[0]]
+    text = f"\nSpeed-up of {names[0]} to the target {target:.3f}, seed by seed (training wall-clock; rollout images):\n\n"
+    for name in names[1:]:
+        times, images, missed = [], [], 0
+        for ours, theirs in zip(reference, runs[name]):
+            pair = [(time_to(rows, target, metric), time_to(rows, target, metric, "images")) for rows in (ours, theirs)]
+            if any(t is None for t, _ in pair):
+                missed += 1
+                continue
+            (t_ours, i_ours), (t_theirs, i_theirs) = pair
+            times.append(t_theirs / max(t_ours, 1e-9))
+            images.append(i_theirs / max(i_ours, 1e-9))
+        counted = len(times)
+        if not counted:
+            text += f"- {names[0]} vs {name}: no seed where both reached the target ({missed} missed)\n"
+            continue
+        spread = lambda v: f"{statistics.mean(v):.1f}x ± {statistics.pstdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}x"  # noqa: E731
+        text += (
+            f"- {names[0]} vs {name}: time {spread(times)}, images {spread(images)} "
+            f"({counted} seed{'s' if counted > 1 else ''} where both reached it"
+            + (f"; {missed} where one did not" if missed else "") + ")\n"
+        )
+    return text
+
+
+def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Path, world: World | None = None) -> None:
     """Tables (CSV + Markdown) and plots for one suite."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    starts = {name: seeds[0][0][METRIC] for name, seeds in runs.items()}  # each run's own starting score
+    world = world or suite_world(suite)
+    metric, quality_key = world.metric, world.quality or "-"
+
+    starts = {name: seeds[0][0][metric] for name, seeds in runs.items()}  # each run's own starting score
     base = statistics.mean(starts.values())
     own_starts = len({round(v, 6) for v in starts.values()}) > 1
-    finals = {name: [rows[-1][METRIC] for rows in seeds] for name, seeds in runs.items()}
+    finals = {name: [rows[-1][metric] for rows in seeds] for name, seeds in runs.items()}
     best_final = max(statistics.mean(v) for v in finals.values())
     target = base + 0.5 * (best_final - base)  # half of the best method's gain: every method can be timed
     lines = []
     for name, seeds in runs.items():
-        final = [rows[-1][METRIC] for rows in seeds]
-        quality = [rows[-1].get(QUALITY, float("nan")) for rows in seeds]
-        reach = [time_to(rows, target) for rows in seeds]
+        final = [rows[-1][metric] for rows in seeds]
+        quality = [rows[-1].get(quality_key, float("nan")) for rows in seeds]
+        reach = [time_to(rows, target, metric) for rows in seeds]
         reached = [r for r in reach if r is not None]
         lines.append({
             "run": name,
             "seeds": len(seeds),
             "start": starts[name],
-            "start_quality_proxy": seeds[0][0].get(QUALITY, float("nan")),
+            "start_quality_proxy": seeds[0][0].get(quality_key, float("nan")),
             "final_mean": statistics.mean(final),
             "final_std": statistics.pstdev(final) if len(final) > 1 else 0.0,
             "gain": statistics.mean(final) - starts[name],
@@ -218,7 +288,7 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
                     f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
         else:
-            handle.write(f"### {suite}\n\nbase {METRIC} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
+            handle.write(f"### {suite}\n\nbase {metric} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
             handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images | training min (rollouts / updates) |\n")
             handle.write("|---|---|---|---|---|---|---|---|---|\n")
             for row in lines:
@@ -227,26 +297,21 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
                     f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} "
                     f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
-        reference = lines[0]
-        if suite == "speed" and reference["minutes_to_target"] == reference["minutes_to_target"]:
-            handle.write("\nSpeed-up of the first run to the target, measured side by side:\n\n")
-            for row in lines[1:]:
-                ratio = row["minutes_to_target"] / reference["minutes_to_target"]
-                note = f"{ratio:.1f}x" if ratio == ratio else "did not reach the target in the budget"
-                handle.write(f"- {reference['run']} vs {row['run']}: {note}\n")
+        if suite in SPEED_SUITES:
+            handle.write(speed_up_lines(runs, target, metric))
     figure, (by_time, by_images) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for number, (name, seeds) in enumerate(runs.items()):
         color = colors[number % len(colors)]  # one colour per method, one line per seed
         for index, rows in enumerate(seeds):
             kwargs = {"label": name} if index == 0 else {}
-            by_time.plot([r["seconds"] / 60 for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color, marker=".", **kwargs)
-            by_images.plot([r["images"] for r in rows], [r[METRIC] for r in rows], alpha=0.8, color=color, marker=".")
+            by_time.plot([r["seconds"] / 60 for r in rows], [r[metric] for r in rows], alpha=0.8, color=color, marker=".", **kwargs)
+            by_images.plot([r["images"] for r in rows], [r[metric] for r in rows], alpha=0.8, color=color, marker=".")
     for axis, label in ((by_time, "training wall-clock (min)"), (by_images, "rollout images generated")):
         if not own_starts:  # a common target only means something from a common start
             axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(label)
-        axis.set_ylabel(f"held-out {METRIC}")
+        axis.set_ylabel(f"held-out {metric}")
         axis.grid(alpha=0.3)
     by_time.legend(fontsize=8)
     figure.suptitle(f"{suite} (one line per seed)")
@@ -277,29 +342,36 @@ def main() -> None:
             parser.error(f"--only: no run named {unknown} in {suites}; runs: {sorted(known)}")
         for suite in suites:
             SUITES[suite] = [(name, configs) for name, configs in SUITES[suite] if name in args.only]
-    base = base_row(args.out)
-    starts = {tuple(start_configs(configs)) for suite in suites for _, configs in SUITES[suite]} - {()}
-    start_rows = {start: base_row(args.out, list(start)) for start in sorted(starts)}
-    start_rows[()] = base
+    start_rows = {
+        (suite_world(suite).name, tuple(start_configs(configs))): None for suite in suites for _, configs in SUITES[suite]
+    }
+    for world, start in start_rows:
+        start_rows[world, start] = base_row(args.out, list(start), WORLDS[world])
     if not args.summarize_only:
         from concurrent.futures import ThreadPoolExecutor
 
         # Seeds outermost: a suite cut short still has one complete seed of every run.
         # Runs shared by several suites are launched once.
         todo = {
-            (tuple(configs), seed): None for seed in args.seeds for suite in suites for _, configs in SUITES[suite]
+            (tuple(configs), seed, suite_world(suite).name): None
+            for seed in args.seeds for suite in suites for _, configs in SUITES[suite]
         }
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(launch, list(configs), seed, args.minutes, args.out, args.eval_every) for configs, seed in todo]
+            futures = [
+                pool.submit(launch, list(configs), seed, args.minutes, args.out, args.eval_every, WORLDS[world])
+                for configs, seed, world in todo
+            ]
             for future in futures:
                 future.result()
     for suite in suites:
+        world = suite_world(suite)
         runs: dict[str, list[list[dict[str, float]]]] = {}
         for name, configs in SUITES[suite]:
             for seed in args.seeds:
-                directory = run_dir(args.out, configs, seed)
+                directory = run_dir(args.out, configs, seed, world)
                 if (directory / "done").exists():
-                    runs.setdefault(name, []).append([start_rows[tuple(start_configs(configs))]] + read_history(directory))
+                    start = start_rows[world.name, tuple(start_configs(configs))]
+                    runs.setdefault(name, []).append([start] + read_history(directory))
         if runs:
             summarize(suite, runs, args.out)
 

@@ -1,6 +1,7 @@
 """experiments/run_ablations.py: every suite names existing configs, and identical runs are shared."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -9,6 +10,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 def _runner():
     spec = importlib.util.spec_from_file_location("run_ablations", EXPERIMENTS / "run_ablations.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
@@ -20,9 +22,13 @@ def test_every_suite_config_exists_and_runs_are_shared_only_when_identical(tmp_p
         for name, configs in runs:
             for config in configs:
                 assert (EXPERIMENTS / config).is_file(), f"{suite}/{name}: {config} is missing"
-            directories.setdefault(runner.run_dir(tmp_path, configs, 0), set()).add(tuple(configs))
-    # one directory per distinct configuration, and the base configuration is one run for all suites
+            world = runner.suite_world(suite)
+            directories.setdefault(runner.run_dir(tmp_path, configs, 0, world), set()).add((world.name, tuple(configs)))
+    # one directory per distinct world and configuration, and the base configuration is one run for all image suites
     assert all(len(configs) == 1 for configs in directories.values())
+    video = runner.WORLDS["video"]
+    assert runner.run_dir(tmp_path, [], 0, video) in directories and runner.run_dir(tmp_path, [], 0, video) != runner.run_dir(tmp_path, [], 0)
+    assert video.base.is_file() and runner.suite_world("video") is video and runner.suite_world("t_min") is runner.IMAGE
     assert runner.run_dir(tmp_path, [], 0) in directories
     assert runner.run_dir(tmp_path, [], 0) != runner.run_dir(tmp_path, [], 1)
     assert runner.run_dir(tmp_path, [], 0).parent != tmp_path / "runs" / "base"  # the base model's own evaluation
@@ -46,3 +52,23 @@ def test_runs_with_their_own_starting_model_are_scored_against_their_own_start(t
     assert "| student | 2 | 0.300 (1.500) | 0.420 ± 0.020 | +0.120 |" in table
     assert "| 1.0 (nan / nan) |" in table  # training minutes; the phase split of runs that logged one
     assert "| base | 2 | 0.310 (1.800) | 0.360 ± 0.010 | +0.050 |" in table
+
+
+def test_the_speed_up_is_paired_by_seed_and_leaves_out_seeds_that_missed_the_target(tmp_path):
+    runner = _runner()
+    metric = runner.WORLDS["video"].metric
+    row = lambda score, seconds, images: {metric: score, "seconds": seconds, "images": images}  # noqa: E731
+    start = row(0.10, 0, 0)
+    runs = {
+        # seeds 0 and 1 reach 0.20 after 60 s / 120 s; seed 2 after 100 s
+        "dgpo": [[start, row(0.25, 60, 512)], [start, row(0.15, 60, 512), row(0.30, 120, 1024)], [start, row(0.22, 100, 640)]],
+        # seed 0 after 300 s, seed 1 after 600 s, seed 2 never
+        "flow_grpo": [[start, row(0.12, 150, 256), row(0.21, 300, 512)], [start, row(0.20, 600, 2048)], [start, row(0.19, 900, 4096)]],
+    }
+    text = runner.speed_up_lines(runs, 0.20, metric)
+    # time ratios 300/60 = 5 and 600/120 = 5; image ratios 512/512 = 1 and 2048/1024 = 2
+    assert "- dgpo vs flow_grpo: time 5.0x ± 0.0, images 1.5x ± 0.5 (2 seeds where both reached it; 1 where one did not)" in text
+    runner.summarize("video", runs, tmp_path)
+    table = (tmp_path / "results" / "video.md").read_text()
+    assert f"base {metric} = 0.100" in table and "Speed-up of dgpo" in table
+    assert "| flow_grpo | 3 | 0.200 ± 0.008 | +0.100 |" in table

@@ -125,8 +125,13 @@ class ScoreHistory(L.Callback):
             _synchronize(pl_module)
             self._eval_seconds += time.perf_counter() - self._eval_start
         results = getattr(pl_module, "last_eval", {})
-        if self.metric not in results:
+        if not results:
             return
+        if self.metric not in results:  # a misconfigured headline would leave the run with no history at all
+            raise ValueError(
+                f"ScoreHistory: metric {self.metric!r} is not among the evaluation's results ({', '.join(sorted(results))}); "
+                "set the callback's init_args.metric (e.g. --trainer.callbacks.init_args.metric=eval/<reward>)"
+            )
         datamodule = getattr(trainer, "datamodule", None)
         row = {
             "epoch": float(trainer.current_epoch),

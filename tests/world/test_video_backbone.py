@@ -149,3 +149,47 @@ def test_init_from_the_image_model_gives_the_image_models_velocity_on_every_fram
         for frame in range(FRAMES):
             expected = image.velocity(x[:, :, frame].contiguous(), t, image.encode_prompts(prompts))
             torch.testing.assert_close(got[:, :, frame], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_canvas_layout_is_one_unet_call_on_the_frames_side_by_side_with_a_position_channel(tmp_path):
+    torch.manual_seed(3)
+    model = tiny_backbone(layout="canvas").eval()
+    assert model.denoiser.config.in_channels == 3 * 4 + 1 and model.denoiser.config.num_class_embeds is None
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.2, 0.7])
+    cond = model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        # independent recomputation: frames concatenated along the width, position -1 on the first
+        # frame's columns and +1 on the second's, the UNet's output cut back into frames
+        canvas = torch.cat([x[:, :, f] for f in range(FRAMES)], dim=-1)
+        position = torch.cat([torch.full((2, 1, 16, 16), -1.0), torch.full((2, 1, 16, 16), 1.0)], dim=-1)
+        out = model.denoiser(
+            torch.cat([F.pixel_unshuffle(canvas, 2), position], 1), 1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["attention_mask"], return_dict=False,
+        )[0]
+        out = F.pixel_shuffle(out, 2)
+        expected = torch.stack([out[..., :32], out[..., 32:]], dim=2)
+        torch.testing.assert_close(model.velocity(x, t, cond), expected, atol=1e-5, rtol=1e-5)
+        # one frame's velocity depends on the other frame (the canvas couples them)
+        moved = x.clone()
+        moved[:, :, 1] += 1.0
+        assert not torch.allclose(model.velocity(moved, t, cond)[:, :, 0], expected[:, :, 0], atol=1e-4)
+    save_backbone(model, tmp_path / "canvas")
+    back = load_backbone(tmp_path / "canvas")
+    assert back.layout == "canvas" and back.options() == model.options()
+
+
+def test_canvas_init_from_the_image_model_is_the_image_model_on_the_canvas():
+    from dgpo_lightning.world.backbone import tiny_backbone as tiny_image_backbone
+    from dgpo_lightning.world.video.pretrain import init_from_image_model
+
+    torch.manual_seed(4)
+    image, video = tiny_image_backbone().eval(), tiny_backbone(layout="canvas").eval()
+    assert init_from_image_model(video, image)["zeroed"] == 1  # only the position channel's input weights
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.4, 0.9])
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    with torch.no_grad():
+        got = video.velocity(x, t, video.encode_prompts(prompts))
+        wide = image.velocity(torch.cat([x[:, :, 0], x[:, :, 1]], dim=-1), t, image.encode_prompts(prompts))
+        torch.testing.assert_close(got, torch.stack([wide[..., :32], wide[..., 32:]], dim=2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        tiny_backbone(layout="stacked")

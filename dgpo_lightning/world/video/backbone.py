@@ -3,7 +3,16 @@
 Latents are the clip itself in ``[-1, 1]``, ``[B, C=3, F, 32, 32]`` (``latent_shape() == (3, F, 32,
 32)``); ``decode`` returns videos ``[B, F, 3, H, W]`` in ``[0, 1]`` and ``encode`` is its inverse.
 
-The denoiser is a factorised space-time model: the image world's UNet (:mod:`dgpo_lightning.world.backbone`,
+The denoiser is the image world's UNet in one of two layouts (``layout`` in ``backbone.json``).
+
+``canvas``: the clip's frames side by side, ``[B, 3, H, F·W]``, through one UNet call, plus one
+input channel holding each pixel's frame position ``2f/(F−1) − 1`` (the UNet has no positional
+embedding). Convolutions and self-attention then see every frame at once, so the frames agree on
+one layout as the image model's objects do, and a motion is a spatial relation between two regions
+of the canvas (as "A left of B" is for the image model). It starts exactly as the image model run on
+the canvas (zero weights on the position channel).
+
+``factorised`` (the first video base): a factorised space-time model: the image world's UNet (:mod:`dgpo_lightning.world.backbone`,
 2×2 pixel-unshuffle, timestep ``1000 t``, cross-attention to the text) runs on every frame as a
 batch of ``B·F`` images, and each frame's call also sees
 
@@ -46,6 +55,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {"guidance_scale": 1.0, "shift": 3.0, "patch_s
 DEFAULT_TEXT_ENCODER: dict[str, Any] = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "max_length": 16}
 #: Widths of the shipped video UNet (see checkpoints/base/MODEL_CARD.md for the measured alternatives).
 DEFAULT_CHANNELS: tuple[int, ...] = (32, 64, 64)
+#: How the denoiser sees a clip: ``factorised`` (one UNet call per frame, plus the mean frame and the
+#: frame index) or ``canvas`` (one call on the frames side by side plus a frame-position channel).
+LAYOUTS = ("factorised", "canvas")
+LAYOUT_IN_CHANNELS = {"factorised": lambda pixels: 2 * pixels, "canvas": lambda pixels: pixels + 1}
 
 
 def video_vocabulary() -> list[str]:
@@ -75,15 +88,19 @@ class VideoWorldBackbone(WorldBackbone):
         guidance_scale: float = 1.0,
         shift: float = 3.0,
         patch_size: int = 2,
+        layout: str = "factorised",
     ):
         nn.Module.__init__(self)  # WorldBackbone's own check wants in_channels == out_channels
         pixels = 3 * patch_size * patch_size
-        if unet.config.in_channels != 2 * pixels or unet.config.out_channels != pixels:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+        want = LAYOUT_IN_CHANNELS[layout](pixels)
+        if unet.config.in_channels != want or unet.config.out_channels != pixels:
             raise ValueError(
-                f"unet channels {unet.config.in_channels}/{unet.config.out_channels} must be {2 * pixels}/{pixels} "
-                f"(frame + mean frame in, frame out) for patch_size={patch_size}"
+                f"unet channels {unet.config.in_channels}/{unet.config.out_channels} must be {want}/{pixels} "
+                f"for layout {layout!r}, patch_size={patch_size}"
             )
-        if unet.config.num_class_embeds != num_frames:
+        if layout == "factorised" and unet.config.num_class_embeds != num_frames:
             raise ValueError(f"unet.num_class_embeds={unet.config.num_class_embeds} != num_frames={num_frames}")
         if unet.config.cross_attention_dim != text_encoder.config.hidden_dim:
             raise ValueError(
@@ -95,11 +112,14 @@ class VideoWorldBackbone(WorldBackbone):
         self.shift = float(shift)
         self.patch_size = int(patch_size)
         self.num_frames = int(num_frames)
+        self.layout = layout
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """``[B, 3, F, H, W]`` → one UNet call on the ``B·F`` frames (each with the mean frame and its index)."""
+        """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout``."""
         if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
             raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
+        if self.layout == "canvas":
+            return self._unet_canvas(x_t, t, cond)
         b, c, f, h, w = x_t.shape
         dtype = self.denoiser.conv_in.weight.dtype
         p = self.patch_size
@@ -116,6 +136,27 @@ class VideoWorldBackbone(WorldBackbone):
             return_dict=False,
         )[0]
         return Fn.pixel_shuffle(v, p).reshape(b, f, c, h, w).transpose(1, 2).to(x_t.dtype)
+
+    def _unet_canvas(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """One UNet call per clip on its frames laid side by side, ``[B, 3, H, F·W]``, plus one input
+        channel holding each pixel's frame position ``2f/(F−1) − 1`` (the UNet has no positional
+        embedding, so this is how a column knows which frame it belongs to)."""
+        b, c, f, h, w = x_t.shape
+        dtype = self.denoiser.conv_in.weight.dtype
+        p = self.patch_size
+        canvas = x_t.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)  # frame f occupies columns [f·W, (f+1)·W)
+        position = torch.linspace(-1.0, 1.0, f, device=x_t.device) if f > 1 else torch.zeros(1, device=x_t.device)
+        position = position.repeat_interleave(w // p).expand(b, 1, h // p, f * w // p)
+        x = torch.cat([Fn.pixel_unshuffle(canvas, p), position.to(canvas.dtype)], dim=1).to(dtype)
+        mask = cond.get("attention_mask")
+        v = self.denoiser(
+            x,
+            1000.0 * t.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            encoder_attention_mask=mask.to(dtype) if mask is not None else None,
+            return_dict=False,
+        )[0]
+        return Fn.pixel_shuffle(v, p).reshape(b, c, h, f, w).permute(0, 1, 3, 2, 4).to(x_t.dtype)
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """``v(x_t, t, c)`` for ``x_t [B, 3, F, 32, 32]``, ``t [B]`` in ``[0, 1]`` (CFG as the image world)."""
@@ -135,7 +176,7 @@ class VideoWorldBackbone(WorldBackbone):
         return videos.permute(0, 2, 1, 3, 4) * 2 - 1
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "num_frames": self.num_frames}
+        return {**super().options(), "num_frames": self.num_frames, "layout": self.layout}
 
 
 def build_backbone(
@@ -146,13 +187,16 @@ def build_backbone(
     options = {**DEFAULT_OPTIONS, **options}
     p = int(options["patch_size"])
     pixels = 3 * p * p
+    layout = options.get("layout", "factorised")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
     unet_config = {
         **DEFAULT_UNET,
         "block_out_channels": DEFAULT_CHANNELS,
         "sample_size": SIZE // p,
-        "in_channels": 2 * pixels,
+        "in_channels": LAYOUT_IN_CHANNELS[layout](pixels),
         "out_channels": pixels,
-        "num_class_embeds": num_frames,
+        "num_class_embeds": num_frames if layout == "factorised" else None,
         "cross_attention_dim": encoder.config.hidden_dim,
         **(unet or {}),
     }
@@ -194,6 +238,6 @@ def load_backbone(
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
     options.setdefault("num_frames", unet.config.num_class_embeds)
-    known = {"guidance_scale", "shift", "patch_size", "num_frames"}
+    known = {"guidance_scale", "shift", "patch_size", "num_frames", "layout"}
     backbone = VideoWorldBackbone(unet, encoder, **{k: v for k, v in options.items() if k in known})
     return backbone.to(device).eval().requires_grad_(False)

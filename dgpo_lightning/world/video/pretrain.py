@@ -94,8 +94,9 @@ def init_from_image_model(video, image) -> dict[str, int]:
     """Copy an image-world backbone's weights into a video backbone of the same widths.
 
     UNet tensors of equal shape are copied; the input convolution takes the image's weights on the
-    frame's own channels and zeros on the mean-frame channels, and the frame embedding starts at
-    zero, so every frame's velocity is the image model's at the start. The text encoder copies its
+    frame's own channels and zeros on the extra ones (the mean frame of the ``factorised`` layout, the
+    position channel of ``canvas``), and the frame embedding starts at zero, so at the start every
+    frame's velocity is the image model's (``factorised``) or the canvas's is (``canvas``). The text encoder copies its
     layers, positions and the embeddings of the words both vocabularies have. Returns counts of
     ``copied`` / ``zeroed`` tensors and ``words`` shared.
     """
@@ -108,7 +109,7 @@ def init_from_image_model(video, image) -> dict[str, int]:
         if source is not None and source.shape == value.shape:
             value.copy_(source)
             counts["copied"] += 1
-        elif name == "conv_in.weight" and source is not None and value.shape[1] == 2 * source.shape[1]:
+        elif name == "conv_in.weight" and source is not None and value.shape[1] > source.shape[1]:
             value.zero_()
             value[:, : source.shape[1]] = source
             counts["zeroed"] += 1
@@ -145,6 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--caption-noise", type=float, default=0.0, help="probability that a clip is drawn from a corrupted record")
     parser.add_argument("--channels", default=None, help="UNet block_out_channels (default: the shipped 32,64,64)")
+    parser.add_argument("--layout", choices=("factorised", "canvas"), default="factorised", help="how the denoiser sees a clip (backbone.LAYOUTS)")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation/save cadence")
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt in the periodic evaluations")
     parser.add_argument("--final-samples", type=int, default=16, help="samples per held-out prompt in the final evaluation")
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     max_steps = args.steps if args.steps is not None else (None if args.minutes else 2000)
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
     unet = {"block_out_channels": tuple(int(c) for c in args.channels.split(","))} if args.channels else None
-    model = build_backbone(unet=unet)
+    model = build_backbone(unet=unet, layout=args.layout)
     if args.init:
         model.load_state_dict(load_backbone(args.init).state_dict())
     elif args.init_image:
