@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo demo-video test test-slow test-all clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m dgpo_lightning.demo
+
+# DGPO on the embedded video world (open question 1 at toy scale); outputs in runs/demo_video/.
+demo-video: $(VENV)/.installed
+	$(PY) -m dgpo_lightning.demo --config experiments/base/world_video_demo.yaml --out runs/demo_video
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow and not gpu" -q
