@@ -189,7 +189,8 @@ def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) 
 
 
 def time_to(rows: list[dict[str, float]], target: float, metric: str = IMAGE.metric, key: str = "seconds") -> float | None:
-    """``key`` (training seconds, or ``images``) at the first evaluation scoring at least ``target``."""
+    """``key`` (training seconds, or ``images``) at the first evaluation scoring at least ``target``
+    (``None`` when none did, or when there is no target)."""
     for row in rows:
         if row[metric] >= target:
             return row[key]
@@ -206,6 +207,8 @@ def speed_up_lines(runs: dict[str, list[list[dict[str, float]]]], target: float,
     the target is counted as such and left out of the ratio."""
     names = list(runs)
     reference = runs[names[0]]
+    if target != target:
+        return "\nNo run improved on its start, so there is no target to time.\n"
     text = f"\nSpeed-up of {names[0]} to the target {target:.3f}, seed by seed (training wall-clock; rollout images):\n\n"
     for name in names[1:]:
         times, images, missed = [], [], 0
@@ -239,13 +242,15 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
 
     world = world or suite_world(suite)
     metric, quality_key = world.metric, world.quality or "-"
+    quality_name = quality_key.split("/")[-1] if world.quality else "quality proxy"
 
     starts = {name: seeds[0][0][metric] for name, seeds in runs.items()}  # each run's own starting score
     base = statistics.mean(starts.values())
     own_starts = len({round(v, 6) for v in starts.values()}) > 1
     finals = {name: [rows[-1][metric] for rows in seeds] for name, seeds in runs.items()}
     best_final = max(statistics.mean(v) for v in finals.values())
-    target = base + 0.5 * (best_final - base)  # half of the best method's gain: every method can be timed
+    # Half of the best method's gain, so that every method can be timed; no gain, no target.
+    target = base + 0.5 * (best_final - base) if best_final > base else float("nan")
     lines = []
     for name, seeds in runs.items():
         final = [rows[-1][metric] for rows in seeds]
@@ -278,7 +283,7 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
     with (results / f"{suite}.md").open("w") as handle:
         if own_starts:
             handle.write(f"### {suite}\n\nEach run starts from its own model and sampler (start column); gain is over that start.\n\n")
-            handle.write("| run | seeds | start (sharpness) | final (mean ± std) | gain | sharpness | images | training min (rollouts / updates) |\n")
+            handle.write(f"| run | seeds | start ({quality_name}) | final (mean ± std) | gain | {quality_name} | images | training min (rollouts / updates) |\n")
             handle.write("|---|---|---|---|---|---|---|---|\n")
             for row in lines:
                 handle.write(
@@ -289,7 +294,7 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
                 )
         else:
             handle.write(f"### {suite}\n\nbase {metric} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
-            handle.write("| run | seeds | final (mean ± std) | gain | sharpness | min to target | reached | images | training min (rollouts / updates) |\n")
+            handle.write(f"| run | seeds | final (mean ± std) | gain | {quality_name} | min to target | reached | images | training min (rollouts / updates) |\n")
             handle.write("|---|---|---|---|---|---|---|---|---|\n")
             for row in lines:
                 handle.write(

@@ -72,3 +72,15 @@ def test_the_speed_up_is_paired_by_seed_and_leaves_out_seeds_that_missed_the_tar
     table = (tmp_path / "results" / "video.md").read_text()
     assert f"base {metric} = 0.100" in table and "Speed-up of dgpo" in table
     assert "| flow_grpo | 3 | 0.200 ± 0.008 | +0.100 |" in table
+
+
+def test_a_suite_where_no_run_gains_has_no_target_to_time(tmp_path):
+    runner = _runner()
+    metric = runner.WORLDS["video"].metric
+    row = lambda score, seconds: {metric: score, "seconds": seconds, "images": seconds * 10}  # noqa: E731
+    start = row(0.10, 0)
+    runs = {"dgpo": [[start, row(0.08, 60)]], "flow_grpo": [[start, row(0.10, 60)]]}
+    runner.summarize("video", runs, tmp_path)
+    table = (tmp_path / "results" / "video.md").read_text()
+    assert "target = nan" in table and "| 0/1 |" in table  # the start itself does not count as reaching a target
+    assert "No run improved on its start" in table and "quality proxy" in table
