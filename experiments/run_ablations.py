@@ -19,16 +19,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent
 
 
-@dataclass(frozen=True)
-class World:
+class World(NamedTuple):
     """What a suite's runs share: the config every run composes onto, the held-out metric its tables
-    report, an optional out-of-domain quality proxy, and the evaluation overrides of every run."""
+    report, an optional out-of-domain quality proxy, and the evaluation overrides of every run.
+    (A NamedTuple, not a dataclass: notebooks and tests load this script by path, outside sys.modules.)"""
 
     name: str
     base: Path
@@ -52,6 +52,8 @@ WORLDS = {
     ),
 }
 IMAGE = WORLDS["image"]
+#: The image world's config, headline metric and quality proxy (what the comparison notebook reads).
+BASE, METRIC, QUALITY = IMAGE.base, IMAGE.metric, IMAGE.quality
 
 #: suite -> list of (run name, extra config files relative to experiments/). ``[]`` is DGPO as
 #: configured in base/world_dgpo.yaml (ODE rollouts, G=8, t_min 0.3, |A| weights); the suites share

@@ -1,7 +1,6 @@
 """experiments/run_ablations.py: every suite names existing configs, and identical runs are shared."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -10,7 +9,6 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 def _runner():
     spec = importlib.util.spec_from_file_location("run_ablations", EXPERIMENTS / "run_ablations.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
