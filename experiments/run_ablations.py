@@ -117,8 +117,12 @@ def start_configs(configs: list[str]) -> list[str]:
 def run_dir(out: Path, configs: list[str], seed: int, world: World = IMAGE) -> Path:
     """A run's directory, named by its world and configuration: suites that run the same one share it."""
     name = "+".join(Path(c).with_suffix("").as_posix().removeprefix("ablations/").replace("/", "_") for c in configs)
-    name = name or "dgpo"
-    return out / "runs" / (name if world is IMAGE else f"{world.name}_{name}") / f"seed{seed}"
+    return runs_folder(out, name or "dgpo", world) / f"seed{seed}"
+
+
+def runs_folder(out: Path, name: str, world: World = IMAGE) -> Path:
+    """``out/runs/<name>``; runs of another world than the image world carry its name as a prefix."""
+    return out / "runs" / (name if world is IMAGE else f"{world.name}_{name}")
 
 
 EXTRA: list[str] = []  # --set overrides, appended to every run's command
@@ -174,7 +178,7 @@ def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) 
     ``configs`` (see :func:`start_configs`) select another starting model than the world's shipped base."""
     configs = configs or []
     name = "base" if not configs else "start_" + "+".join(Path(c).with_suffix("").name for c in configs)
-    directory = out / "runs" / (name if world is IMAGE else f"{world.name}_{name}")
+    directory = runs_folder(out, name, world)
     if not (directory / "done").exists():
         directory.mkdir(parents=True, exist_ok=True)
         command = [
@@ -192,11 +196,11 @@ def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) 
 
 def time_to(rows: list[dict[str, float]], target: float, metric: str = IMAGE.metric, key: str = "seconds") -> float | None:
     """``key`` (training seconds, or ``images``) at the first evaluation scoring at least ``target``
-    (``None`` when none did, or when there is no target)."""
-    for row in rows:
-        if row[metric] >= target:
-            return row[key]
-    return None
+    (``None`` when none did, or when there is no target): :func:`dgpo_lightning.callbacks.history.time_to_target`."""
+    from dgpo_lightning.callbacks.history import time_to_target
+
+    hit = time_to_target(rows, metric, target)
+    return hit[key] if hit else None
 
 
 #: Suites whose first run is timed against the others to the common target.
