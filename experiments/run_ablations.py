@@ -2,12 +2,18 @@
 
     python experiments/run_ablations.py --suite all            # everything, resumable
     python experiments/run_ablations.py --suite t_min --seeds 0 1 2 --minutes 6
+    python experiments/run_ablations.py --suite flow_grpo_tuning --split validation --seeds 0 --out experiments/tuning
+    python experiments/run_ablations.py --suite speed --target-gain 0.10 --minutes 30 --out experiments/speed_to_target
 
 Each run is ``python -m dgpo_lightning fit`` with composed configs and a wall-clock budget; a run
 whose ``eval_history.csv`` ends with a ``done`` marker file is skipped, so an interrupted suite
 continues where it stopped. Results land in ``experiments/results/``: per-suite CSV and Markdown
 tables (mean ± std over seeds of the final held-out score, the visual-quality proxy and the time to
 reach a target) and PNG plots of score versus wall-clock time and versus images generated.
+
+``--split validation`` evaluates on the world's validation prompts (for tuning; the tables say which
+split they are on); ``--target-gain G`` stops each run at the first evaluation scoring its start + G
+(or at the ``--minutes`` cap) and times every run to that common target.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class World(NamedTuple):
     metric: str
     quality: str | None
     eval_args: tuple[str, ...]
+    prompts: str  # prefix of the shipped prompt splits (``<prompts>:<split>``)
 
 
 WORLDS = {
@@ -43,12 +50,14 @@ WORLDS = {
     "image": World(
         "image", ROOT / "base" / "world_dgpo.yaml", "eval/geneval", "eval/sharpness",
         ("--data.eval_rewards=[geneval, sharpness]", "--data.eval_images_per_prompt=2", "--data.eval_min_images_per_task=32"),
+        "world",
     ),
     # The strict video reward on the held-out clips, as many clips per task (the motion tasks have 2
     # prompts per split).
     "video": World(
         "video", ROOT / "base" / "world_video_dgpo.yaml", "eval/world_video", None,
         ("--data.eval_rewards=[world_video]", "--data.eval_images_per_prompt=2", "--data.eval_min_images_per_task=32"),
+        "world_video",
     ),
 }
 IMAGE = WORLDS["image"]
@@ -85,6 +94,15 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("dgpo (student, 4 NFE)", ["base/world_student4.yaml"]),
         ("dgpo (base, 10 steps)", []),
     ],
+    # Flow-GRPO's fair chance: one knob at a time from its official values (base/world_flow_grpo.yaml),
+    # within the ranges of the official configs; run it with --split validation.
+    "flow_grpo_tuning": [
+        ("flow_grpo", ["base/world_flow_grpo.yaml"]),
+        *[
+            (name, ["base/world_flow_grpo.yaml", f"ablations/flow_grpo/{name}.yaml"])
+            for name in ("lr_1e-3", "clip_1e-3", "kl_0", "noise_1.0", "timesteps_4")
+        ],
+    ],
     # Open question 1 (video): DGPO and Flow-GRPO on the embedded video world at equal wall-clock.
     "video": [
         ("dgpo", []),
@@ -114,22 +132,34 @@ def start_configs(configs: list[str]) -> list[str]:
     return []
 
 
-def run_dir(out: Path, configs: list[str], seed: int, world: World = IMAGE) -> Path:
-    """A run's directory, named by its world and configuration: suites that run the same one share it."""
+def run_dir(out: Path, configs: list[str], seed: int, world: World = IMAGE, split: str = "test", stop_at: float | None = None) -> Path:
+    """A run's directory, named by its world, configuration, evaluation split and (when it stops at a
+    target score) that target: suites that run the same one share it."""
     name = "+".join(Path(c).with_suffix("").as_posix().removeprefix("ablations/").replace("/", "_") for c in configs)
-    return runs_folder(out, name or "dgpo", world) / f"seed{seed}"
+    name = (name or "dgpo") + (f"_to_{stop_at:.3f}" if stop_at is not None else "")
+    return runs_folder(out, name, world, split) / f"seed{seed}"
 
 
-def runs_folder(out: Path, name: str, world: World = IMAGE) -> Path:
-    """``out/runs/<name>``; runs of another world than the image world carry its name as a prefix."""
-    return out / "runs" / (name if world is IMAGE else f"{world.name}_{name}")
+def runs_folder(out: Path, name: str, world: World = IMAGE, split: str = "test") -> Path:
+    """``out/runs/<name>``; runs of another world than the image world carry its name as a prefix,
+    runs evaluated on another split than test its name as a suffix."""
+    name = name if world is IMAGE else f"{world.name}_{name}"
+    return out / "runs" / (name if split == "test" else f"{name}_on_{split}")
+
+
+def eval_args(world: World, split: str) -> list[str]:
+    """The evaluation overrides of a run of ``world`` scored on its shipped ``split``."""
+    return [*world.eval_args, f"--data.eval_prompts={world.prompts}:{split}"]
 
 
 EXTRA: list[str] = []  # --set overrides, appended to every run's command
 
 
-def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every: int, world: World = IMAGE) -> Path:
-    directory = run_dir(out, configs, seed, world)
+def launch(
+    configs: list[str], seed: int, minutes: float, out: Path, eval_every: int, world: World = IMAGE,
+    split: str = "test", stop_at: float | None = None,
+) -> Path:
+    directory = run_dir(out, configs, seed, world, split, stop_at)
     label = directory.parent.name
     if (directory / "done").exists():
         print(f"[skip] {label} seed {seed}: done")
@@ -150,7 +180,8 @@ def launch(configs: list[str], seed: int, minutes: float, out: Path, eval_every:
         f"--trainer.check_val_every_n_epoch={eval_every}",
         "--trainer.enable_progress_bar=false",
         "--data.progress=false",
-        *world.eval_args,
+        *eval_args(world, split),
+        *([f"--trainer.callbacks.init_args.stop_at_score={stop_at}"] if stop_at is not None else []),
         *EXTRA,
     ]
     print(f"[run] {label} seed {seed} ({minutes} min)", flush=True)
@@ -173,19 +204,19 @@ def read_history(directory: Path, name: str = "eval_history.csv") -> list[dict[s
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) -> dict[str, float]:
-    """The starting model's evaluation (identical for every seed: same model, prompts and seeds);
-    ``configs`` (see :func:`start_configs`) select another starting model than the world's shipped base."""
+def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE, split: str = "test") -> dict[str, float]:
+    """The starting model's evaluation on ``split`` (identical for every seed: same model, prompts and
+    seeds); ``configs`` (see :func:`start_configs`) select another starting model than the world's shipped base."""
     configs = configs or []
     name = "base" if not configs else "start_" + "+".join(Path(c).with_suffix("").name for c in configs)
-    directory = runs_folder(out, name, world)
+    directory = runs_folder(out, name, world, split)
     if not (directory / "done").exists():
         directory.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "dgpo_lightning", "validate", "--config", str(world.base),
             *[arg for config in configs for arg in ("--config", str(ROOT / config))],
             f"--trainer.default_root_dir={directory}",
-            "--trainer.enable_progress_bar=false", *world.eval_args, *EXTRA,
+            "--trainer.enable_progress_bar=false", *eval_args(world, split), *EXTRA,
         ]
         with (directory / "log.txt").open("w") as log:
             if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT) != 0:
@@ -195,52 +226,67 @@ def base_row(out: Path, configs: list[str] | None = None, world: World = IMAGE) 
 
 
 def time_to(rows: list[dict[str, float]], target: float, metric: str = IMAGE.metric, key: str = "seconds") -> float | None:
-    """``key`` (training seconds, or ``images``) at the first evaluation scoring at least ``target``
-    (``None`` when none did, or when there is no target): :func:`dgpo_lightning.callbacks.history.time_to_target`."""
+    """``key`` (training seconds, ``images`` or a phase's seconds) at the first evaluation scoring at
+    least ``target`` (``None`` when none did, when there is no target, or when the history has no such
+    column): :func:`dgpo_lightning.callbacks.history.time_to_target`."""
     from dgpo_lightning.callbacks.history import time_to_target
 
     hit = time_to_target(rows, metric, target)
-    return hit[key] if hit else None
+    return hit.get(key) if hit else None
 
 
 #: Suites whose first run is timed against the others to the common target.
 SPEED_SUITES = ("speed", "video")
 
 
+#: The phases of a run's training wall-clock that the speed-up is also given for (ScoreHistory's columns).
+PHASES = {"rollouts": "rollout_seconds", "updates": "train_seconds"}
+
+
 def speed_up_lines(runs: dict[str, list[list[dict[str, float]]]], target: float, metric: str) -> str:
     """Markdown lines: the first run's time-to-target and images-to-target ratios against every other
-    run, over the seeds both runs share (paired by seed), mean ± std; a seed where either run missed
-    the target is counted as such and left out of the ratio."""
+    run, over the seeds both runs share (paired by seed), mean ± std, with the time ratio also per
+    phase (rollouts: sampling and scoring; updates: the training steps) where both runs logged it; a
+    seed where either run missed the target is counted as such and left out of the ratio."""
+    from dgpo_lightning.callbacks.history import time_to_target
+
     names = list(runs)
     reference = runs[names[0]]
     if target != target:
         return "\nNo run improved on its start, so there is no target to time.\n"
     text = f"\nSpeed-up of {names[0]} to the target {target:.3f}, seed by seed (training wall-clock; rollout images):\n\n"
+    spread = lambda v: f"{statistics.mean(v):.1f}x ± {statistics.pstdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}x"  # noqa: E731
     for name in names[1:]:
-        times, images, missed = [], [], 0
+        ratios: dict[str, list[float]] = {"time": [], "images": [], **{phase: [] for phase in PHASES}}
+        missed = 0
         for ours, theirs in zip(reference, runs[name]):
-            pair = [(time_to(rows, target, metric), time_to(rows, target, metric, "images")) for rows in (ours, theirs)]
-            if any(t is None for t, _ in pair):
+            hits = [time_to_target(rows, metric, target) for rows in (ours, theirs)]
+            if any(hit is None for hit in hits):
                 missed += 1
                 continue
-            (t_ours, i_ours), (t_theirs, i_theirs) = pair
-            times.append(t_theirs / max(t_ours, 1e-9))
-            images.append(i_theirs / max(i_ours, 1e-9))
-        counted = len(times)
+            for key, column in (("time", "seconds"), ("images", "images"), *PHASES.items()):
+                if all(column in hit for hit in hits):
+                    ratios[key].append(hits[1][column] / max(hits[0][column], 1e-9))
+        counted = len(ratios["time"])
         if not counted:
             text += f"- {names[0]} vs {name}: no seed where both reached the target ({missed} missed)\n"
             continue
-        spread = lambda v: f"{statistics.mean(v):.1f}x ± {statistics.pstdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}x"  # noqa: E731
+        phases = ", ".join(f"{phase} {spread(ratios[phase])}" for phase in PHASES if len(ratios[phase]) == counted)
         text += (
-            f"- {names[0]} vs {name}: time {spread(times)}, images {spread(images)} "
+            f"- {names[0]} vs {name}: time {spread(ratios['time'])}" + (f" ({phases})" if phases else "")
+            + f", images {spread(ratios['images'])} "
             f"({counted} seed{'s' if counted > 1 else ''} where both reached it"
             + (f"; {missed} where one did not" if missed else "") + ")\n"
         )
     return text
 
 
-def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Path, world: World | None = None) -> None:
-    """Tables (CSV + Markdown) and plots for one suite."""
+def summarize(
+    suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Path, world: World | None = None,
+    split: str = "test", target_gain: float | None = None,
+) -> None:
+    """Tables (CSV + Markdown) and plots for one suite, scored on ``split``; the common target is the
+    start + ``target_gain`` when given, else half of the best run's gain."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,14 +301,20 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
     own_starts = len({round(v, 6) for v in starts.values()}) > 1
     finals = {name: [rows[-1][metric] for rows in seeds] for name, seeds in runs.items()}
     best_final = max(statistics.mean(v) for v in finals.values())
-    # Half of the best method's gain, so that every method can be timed; no gain, no target.
-    target = base + 0.5 * (best_final - base) if best_final > base else float("nan")
+    if target_gain is not None:
+        target, target_rule = base + target_gain, f"start + {target_gain:g}"
+    else:  # half of the best method's gain, so that every method can be timed; no gain, no target
+        target, target_rule = (base + 0.5 * (best_final - base) if best_final > base else float("nan")), "half the best gain"
     lines = []
     for name, seeds in runs.items():
         final = [rows[-1][metric] for rows in seeds]
         quality = [rows[-1].get(quality_key, float("nan")) for rows in seeds]
         reach = [time_to(rows, target, metric) for rows in seeds]
         reached = [r for r in reach if r is not None]
+        phase_reach = {
+            phase: [v for v in (time_to(rows, target, metric, column) for rows in seeds) if v is not None]
+            for phase, column in PHASES.items()
+        }
         lines.append({
             "run": name,
             "seeds": len(seeds),
@@ -273,6 +325,11 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
             "gain": statistics.mean(final) - starts[name],
             "quality_proxy": statistics.mean(quality),
             "minutes_to_target": statistics.mean(reached) / 60 if reached else float("nan"),
+            # the same minutes split by phase (seeds that logged it); nan when no seed reached the target
+            **{
+                f"{phase}_minutes_to_target": statistics.mean(v) / 60 if v and len(v) == len(reached) else float("nan")
+                for phase, v in phase_reach.items()
+            },
             "reached_target": f"{len(reached)}/{len(seeds)}",
             "images": statistics.mean(rows[-1]["images"] for rows in seeds),
             "train_minutes": statistics.mean(rows[-1]["seconds"] for rows in seeds) / 60,
@@ -282,13 +339,15 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
         })
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    with (results / f"{suite}.csv").open("w", newline="") as handle:
+    stem = suite if split == "test" else f"{suite}_on_{split}"
+    with (results / f"{stem}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(lines[0]))
         writer.writeheader()
         writer.writerows(lines)
-    with (results / f"{suite}.md").open("w") as handle:
+    split_note = f"Scored on the {split} split. " if split != "test" else ""
+    with (results / f"{stem}.md").open("w") as handle:
         if own_starts:
-            handle.write(f"### {suite}\n\nEach run starts from its own model and sampler (start column); gain is over that start.\n\n")
+            handle.write(f"### {suite}\n\n{split_note}Each run starts from its own model and sampler (start column); gain is over that start.\n\n")
             handle.write(f"| run | seeds | start ({quality_name}) | final (mean ± std) | gain | {quality_name} | images | training min (rollouts / updates) |\n")
             handle.write("|---|---|---|---|---|---|---|---|\n")
             for row in lines:
@@ -299,13 +358,16 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
                     f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
         else:
-            handle.write(f"### {suite}\n\nbase {metric} = {base:.3f}; target = {target:.3f} (half the best gain)\n\n")
-            handle.write(f"| run | seeds | final (mean ± std) | gain | {quality_name} | min to target | reached | images | training min (rollouts / updates) |\n")
+            handle.write(f"### {suite}\n\n{split_note}base {metric} = {base:.3f}; target = {target:.3f} ({target_rule})\n\n")
+            handle.write(f"| run | seeds | final (mean ± std) | gain | {quality_name} | min to target (rollouts / updates) | reached | images | training min (rollouts / updates) |\n")
             handle.write("|---|---|---|---|---|---|---|---|---|\n")
             for row in lines:
+                to_target = f"{row['minutes_to_target']:.1f}"
+                if row["rollouts_minutes_to_target"] == row["rollouts_minutes_to_target"]:
+                    to_target += f" ({row['rollouts_minutes_to_target']:.1f} / {row['updates_minutes_to_target']:.1f})"
                 handle.write(
                     f"| {row['run']} | {row['seeds']} | {row['final_mean']:.3f} ± {row['final_std']:.3f} | {row['gain']:+.3f} "
-                    f"| {row['quality_proxy']:.4f} | {row['minutes_to_target']:.1f} | {row['reached_target']} | {row['images']:.0f} "
+                    f"| {row['quality_proxy']:.4f} | {to_target} | {row['reached_target']} | {row['images']:.0f} "
                     f"| {row['train_minutes']:.1f} ({row['rollout_minutes']:.1f} / {row['update_minutes']:.1f}) |\n"
                 )
         if suite in SPEED_SUITES:
@@ -322,14 +384,14 @@ def summarize(suite: str, runs: dict[str, list[list[dict[str, float]]]], out: Pa
         if not own_starts:  # a common target only means something from a common start
             axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(label)
-        axis.set_ylabel(f"held-out {metric}")
+        axis.set_ylabel(f"{split} {metric}")
         axis.grid(alpha=0.3)
     by_time.legend(fontsize=8)
-    figure.suptitle(f"{suite} (one line per seed)")
+    figure.suptitle(f"{suite} (one line per seed)" + (f", {split} split" if split != "test" else ""))
     figure.tight_layout()
-    figure.savefig(results / f"{suite}.png", dpi=110)
+    figure.savefig(results / f"{stem}.png", dpi=110)
     plt.close(figure)
-    print((results / f"{suite}.md").read_text())
+    print((results / f"{stem}.md").read_text())
 
 
 def main() -> None:
@@ -343,6 +405,9 @@ def main() -> None:
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument("--only", nargs="+", default=None, metavar="RUN", help="only these runs of the suite (names as in the tables)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra CLI override for every run, e.g. --set model.model_path=DIR")
+    parser.add_argument("--split", choices=["test", "validation"], default="test", help="held-out split every run is scored on (tune on validation)")
+    parser.add_argument("--target-gain", type=float, default=None, metavar="G",
+                        help="stop each run once it scores its start + G (--minutes is then the cap) and time every run to that target")
     args = parser.parse_args()
     EXTRA.extend(f"--{item}" for item in args.set)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -357,7 +422,13 @@ def main() -> None:
         (suite_world(suite).name, tuple(start_configs(configs))): None for suite in suites for _, configs in SUITES[suite]
     }
     for world, start in start_rows:
-        start_rows[world, start] = base_row(args.out, list(start), WORLDS[world])
+        start_rows[world, start] = base_row(args.out, list(start), WORLDS[world], args.split)
+
+    def stop_at(world: World, configs) -> float | None:
+        if args.target_gain is None:
+            return None
+        return round(start_rows[world.name, tuple(start_configs(list(configs)))][world.metric] + args.target_gain, 6)
+
     if not args.summarize_only:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -369,7 +440,10 @@ def main() -> None:
         }
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
-                pool.submit(launch, list(configs), seed, args.minutes, args.out, args.eval_every, WORLDS[world])
+                pool.submit(
+                    launch, list(configs), seed, args.minutes, args.out, args.eval_every, WORLDS[world],
+                    args.split, stop_at(WORLDS[world], configs),
+                )
                 for configs, seed, world in todo
             ]
             for future in futures:
@@ -379,12 +453,12 @@ def main() -> None:
         runs: dict[str, list[list[dict[str, float]]]] = {}
         for name, configs in SUITES[suite]:
             for seed in args.seeds:
-                directory = run_dir(args.out, configs, seed, world)
+                directory = run_dir(args.out, configs, seed, world, args.split, stop_at(world, configs))
                 if (directory / "done").exists():
                     start = start_rows[world.name, tuple(start_configs(configs))]
                     runs.setdefault(name, []).append([start] + read_history(directory))
         if runs:
-            summarize(suite, runs, args.out)
+            summarize(suite, runs, args.out, world, args.split, args.target_gain)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,36 @@ def test_a_suite_where_no_run_gains_has_no_target_to_time(tmp_path):
     table = (tmp_path / "results" / "video.md").read_text()
     assert "target = nan" in table and "| 0/1 |" in table  # the start itself does not count as reaching a target
     assert "No run improved on its start" in table and "quality proxy" in table
+
+
+def test_the_speed_up_is_also_split_by_phase_and_a_fixed_target_gain_is_the_common_target(tmp_path):
+    runner = _runner()
+    metric = runner.IMAGE.metric
+    row = lambda score, seconds, rollout, train: {  # noqa: E731
+        metric: score, "seconds": seconds, "images": seconds * 8, "rollout_seconds": rollout, "train_seconds": train,
+    }
+    start = row(0.30, 0, 0, 0)
+    runs = {
+        # start + 0.10 = 0.40: seed 0 at 60 s (20 s rollouts, 40 s updates), seed 1 at 90 s (30 / 60)
+        "dgpo": [[start, row(0.45, 60, 20, 40)], [start, row(0.35, 45, 15, 30), row(0.41, 90, 30, 60)]],
+        # seed 0 at 600 s (400 / 200), seed 1 at 900 s (600 / 300)
+        "flow_grpo": [[start, row(0.38, 300, 200, 100), row(0.40, 600, 400, 200)], [start, row(0.42, 900, 600, 300)]],
+    }
+    runner.summarize("speed", runs, tmp_path, target_gain=0.10, split="validation")
+    table = (tmp_path / "results" / "speed_on_validation.md").read_text()
+    assert "Scored on the validation split." in table and "target = 0.400 (start + 0.1)" in table
+    # ratios: time 10 and 10; rollouts 20 and 20; updates 5 and 5; images as time
+    assert "- dgpo vs flow_grpo: time 10.0x ± 0.0 (rollouts 20.0x ± 0.0, updates 5.0x ± 0.0), images 10.0x ± 0.0 (2 seeds" in table
+    # minutes to target, total (rollouts / updates): (60 + 90) / 2 s and (600 + 900) / 2 s
+    assert "| 1.2 (0.4 / 0.8) | 2/2 |" in table and "| 12.5 (8.3 / 4.2) | 2/2 |" in table
+
+
+def test_validation_runs_and_runs_stopped_at_a_target_have_their_own_directories(tmp_path):
+    runner = _runner()
+    test_run = runner.run_dir(tmp_path, ["base/world_flow_grpo.yaml"], 0)
+    assert test_run.parent.name == "base_world_flow_grpo"
+    assert runner.run_dir(tmp_path, ["base/world_flow_grpo.yaml"], 0, split="validation").parent.name == "base_world_flow_grpo_on_validation"
+    assert runner.run_dir(tmp_path, [], 1, stop_at=0.4131).parent.name == "dgpo_to_0.413"
+    assert runner.runs_folder(tmp_path, "base", runner.WORLDS["video"], "validation").name == "video_base_on_validation"
+    assert runner.eval_args(runner.IMAGE, "validation")[-1] == "--data.eval_prompts=world:validation"
+    assert runner.eval_args(runner.WORLDS["video"], "test")[-1] == "--data.eval_prompts=world_video:test"

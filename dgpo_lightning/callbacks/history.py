@@ -36,12 +36,21 @@ class ScoreHistory(L.Callback):
         dirpath: where to write (default: the run directory).
         max_training_minutes: stop training at the first evaluation after this much training time
             (evaluation excluded), so a time-budgeted run always ends with a measured score.
+        stop_at_score: stop training at the first evaluation whose ``metric`` reaches this score (a
+            time-to-target run need not train past its target).
     """
 
-    def __init__(self, metric: str = "eval/geneval", dirpath: str | None = None, max_training_minutes: float | None = None):
+    def __init__(
+        self,
+        metric: str = "eval/geneval",
+        dirpath: str | None = None,
+        max_training_minutes: float | None = None,
+        stop_at_score: float | None = None,
+    ):
         self.metric = metric
         self.dirpath = dirpath
         self.max_training_minutes = max_training_minutes
+        self.stop_at_score = stop_at_score
         self.rows: list[dict[str, float]] = []
         self._offset = 0.0
         self._fit_start: float | None = None
@@ -145,6 +154,8 @@ class ScoreHistory(L.Callback):
         # An evaluation after a fit in this process continues its history; a standalone one does not.
         self._write(trainer, trainer.state.fn == "fit" or self._fit_start is not None)
         if self.max_training_minutes is not None and row["seconds"] >= 60 * self.max_training_minutes:
+            trainer.should_stop = True
+        if self.stop_at_score is not None and row[self.metric] >= self.stop_at_score:
             trainer.should_stop = True
 
     @rank_zero_only

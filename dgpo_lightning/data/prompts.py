@@ -1,6 +1,6 @@
 """Prompt datasets: GenEval-format jsonl (prompt + metadata) or plain text, and per-epoch prompt draws.
 
-``"world:train"`` / ``"world:test"`` name the embedded world's shipped splits, ``"world_video:train"`` /
+``"world:train"`` / ``"world:validation"`` / ``"world:test"`` name the embedded world's shipped splits, ``"world_video:train"`` /
 ``"world_video:validation"`` / ``"world_video:test"`` the video world's.
 """
 

@@ -48,7 +48,7 @@ from dgpo_lightning.world.training import TaskBalancedPrompts, flow_matching_los
 
 
 def world_records(spec: str | Path) -> list[dict]:
-    """The records of a GenEval prompt file in file order (``"world:train"``/``"world:test"``: the shipped
+    """The records of a GenEval prompt file in file order (``"world:train"``/``"world:validation"``/``"world:test"``: the shipped
     splits), read by the data layer's reader (:func:`~dgpo_lightning.data.prompts.read_prompt_file`)
     and each checked with :func:`~dgpo_lightning.world.scene.validate_metadata`.
 

@@ -1,9 +1,11 @@
-"""Generate the embedded world's GenEval-format prompt files (``prompts/train.jsonl``, ``prompts/test.jsonl``).
+"""Generate the embedded world's GenEval-format prompt files (``prompts/{train,validation,test}.jsonl``).
 
-``python -m dgpo_lightning.world.prompts`` rewrites both files; the output is deterministic.
+``python -m dgpo_lightning.world.prompts`` rewrites the three files; the output is deterministic.
 
 The full combinatorial set of the six GenEval tasks over the world's classes and colours is split so
-that the test split measures generalisation to combinations never seen in training:
+that the held-out splits measure generalisation to combinations never seen in training. Each held-out
+prompt goes to exactly one of ``test`` and ``validation`` (alternately, in generation order, test
+first), so recipes and budgets tuned on validation are reported on prompts the tuning never saw:
 
 - colors / color_attr: the (colour, class) pairs with ``(colour_index + class_index) % 3 == 0`` are
   held out (each colour loses one class, each class two colours). Training prompts never contain a
@@ -12,7 +14,7 @@ that the test split measures generalisation to combinations never seen in traini
 - counting: (class, count) pairs (circle, 4), (square, 2), (triangle, 3) are held out.
 - position: the (A, relation, B) triples with ``(pair_index + relation_index) % 3 == 0`` are held out.
 - two_object: the ordered pairs (circle, triangle) and (triangle, square) are held out.
-- single_object has only one prompt per class; the three prompts are in both splits.
+- single_object has only one prompt per class; the three prompts are in all three splits.
 
 Every class, colour, count and relation still appears in training.
 """
@@ -23,7 +25,7 @@ import itertools
 import json
 from pathlib import Path
 
-from dgpo_lightning.world.scene import CLASSES, COLORS, PLURALS, PROMPT_DIR, RELATIONS, validate_metadata
+from dgpo_lightning.world.scene import CLASSES, COLORS, PLURALS, PROMPT_DIR, RELATIONS, SPLITS, validate_metadata
 
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 COUNTS = (2, 3, 4)
@@ -53,16 +55,25 @@ def _record(tag: str, include: list[dict], prompt: str, exclude: list[dict] | No
     return record
 
 
-def generate() -> tuple[list[dict], list[dict]]:
-    """``(train, test)`` lists of GenEval metadata records."""
-    train: list[dict] = []
-    test: list[dict] = []
+def generate() -> dict[str, list[dict]]:
+    """``{"train": [...], "validation": [...], "test": [...]}`` lists of GenEval metadata records."""
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    train = splits["train"]
+    held = 0
     ordered_pairs = list(itertools.permutations(CLASSES, 2))
+
+    def add(record: dict, held_out: bool) -> None:
+        nonlocal held
+        if not held_out:
+            train.append(record)
+            return
+        splits["test" if held % 2 == 0 else "validation"].append(record)
+        held += 1
 
     for cls in CLASSES:
         record = _record("single_object", [{"class": cls, "count": 1}], f"a photo of {article(cls)} {cls}")
-        train.append(record)
-        test.append(record)
+        for split in SPLITS:
+            splits[split].append(record)
 
     for a, b in ordered_pairs:
         record = _record(
@@ -70,7 +81,7 @@ def generate() -> tuple[list[dict], list[dict]]:
             [{"class": a, "count": 1}, {"class": b, "count": 1}],
             f"a photo of {article(a)} {a} and {article(b)} {b}",
         )
-        (test if (a, b) in HELD_OUT_TWO_OBJECT else train).append(record)
+        add(record, (a, b) in HELD_OUT_TWO_OBJECT)
 
     for cls in CLASSES:
         for n in COUNTS:
@@ -80,7 +91,7 @@ def generate() -> tuple[list[dict], list[dict]]:
                 f"a photo of {NUMBERS[n]} {PLURALS[cls]}",
                 exclude=[{"class": cls, "count": n + 1}],
             )
-            (test if (cls, n) in HELD_OUT_COUNTS else train).append(record)
+            add(record, (cls, n) in HELD_OUT_COUNTS)
 
     for cls in CLASSES:
         for colour in COLORS:
@@ -89,7 +100,7 @@ def generate() -> tuple[list[dict], list[dict]]:
                 [{"class": cls, "count": 1, "color": colour}],
                 f"a photo of {article(colour)} {colour} {cls}",
             )
-            (test if held_out_colour_pair(colour, cls) else train).append(record)
+            add(record, held_out_colour_pair(colour, cls))
 
     for pair_index, (a, b) in enumerate(ordered_pairs):
         for relation in RELATIONS:
@@ -99,7 +110,7 @@ def generate() -> tuple[list[dict], list[dict]]:
                 [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
                 f"a photo of {article(a)} {a} {relation} {article(b)} {b}",
             )
-            (test if held_out_position(pair_index, relation) else train).append(record)
+            add(record, held_out_position(pair_index, relation))
 
     one_held_out = 0
     for a, b in ordered_pairs:
@@ -109,23 +120,22 @@ def generate() -> tuple[list[dict], list[dict]]:
                 [{"class": a, "count": 1, "color": colour_a}, {"class": b, "count": 1, "color": colour_b}],
                 f"a photo of {article(colour_a)} {colour_a} {a} and {article(colour_b)} {colour_b} {b}",
             )
-            held = held_out_colour_pair(colour_a, a) + held_out_colour_pair(colour_b, b)
-            if held == 0:
-                train.append(record)
-            elif held == 2:
-                test.append(record)
-            else:
+            pairs_held_out = held_out_colour_pair(colour_a, a) + held_out_colour_pair(colour_b, b)
+            if pairs_held_out == 1:
+                # every other prompt with exactly one held-out pair; the rest are in no split
                 if one_held_out % 2 == 0:
-                    test.append(record)
+                    add(record, True)
                 one_held_out += 1
-    return train, test
+            else:
+                add(record, pairs_held_out == 2)
+    return splits
 
 
 def write(directory: Path = PROMPT_DIR) -> dict[str, int]:
-    """Write ``train.jsonl`` and ``test.jsonl`` under ``directory``; returns the line counts."""
+    """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` under ``directory``; returns the line counts."""
     directory.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split, records in zip(("train", "test"), generate()):
+    for split, records in generate().items():
         with (directory / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")

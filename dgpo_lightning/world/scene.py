@@ -40,6 +40,8 @@ POSITION_JITTER = 0.5  # centre offset ∈ [−0.5, 0.5] px per axis (keeps ≥ 
 SUPERSAMPLE = 4
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+#: The shipped prompt splits (``prompts/<split>.jsonl``; :mod:`dgpo_lightning.world.prompts`).
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,9 @@ def validate_metadata(metadata: Any, *, where: str = "") -> None:
 
 
 def prompt_file(split: str) -> Path:
-    """Path of the shipped ``train`` or ``test`` prompt file."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; shipped splits: train, test")
+    """Path of a shipped prompt split (``train``, ``validation`` or ``test``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; shipped splits: {', '.join(SPLITS)}")
     return PROMPT_DIR / f"{split}.jsonl"
 
 

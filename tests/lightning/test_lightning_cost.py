@@ -57,6 +57,21 @@ def test_rows_split_the_wall_clock_into_phases(tmp_path, tiny_world_path):
     assert trainer.callback_metrics["cost/images"] == data.images_generated
 
 
+@pytest.mark.parametrize("stop_at, evaluations", [(0.0, 1), (1.5, 3)])
+def test_a_run_stops_at_the_first_evaluation_that_reaches_its_target(tmp_path, tiny_world_path, stop_at, evaluations):
+    """geneval_partial lies in [0, 1]: a target of 0 is reached at once, 1.5 never (the epoch cap ends it)."""
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    module = DGPOModule(model_path=str(tiny_world_path), lr=1e-3)
+    data = make_data(eval_prompts=str(prompts), eval_images_per_prompt=1, eval_num_steps=2, eval_rewards=["geneval_partial"])
+    history = ScoreHistory(metric="eval/geneval_partial", stop_at_score=stop_at)
+    trainer = make_trainer(tmp_path, max_epochs=3, check_val_every_n_epoch=1, callbacks=[history])
+    trainer.fit(module, data)
+    rows = read_history(tmp_path)
+    assert len(rows) == evaluations and trainer.current_epoch == evaluations
+    assert all(r["eval/geneval_partial"] < stop_at for r in rows[:-1])
+
+
 def test_time_to_target_reads_the_first_row_that_reaches_it(tmp_path):
     rows = [
         {"epoch": 0, "step": 0, "seconds": 0.0, "images": 0, "eval/geneval": 0.30, "train_seconds": 0.0, "rollout_seconds": 0.0},

@@ -10,7 +10,7 @@ from dgpo_lightning.world.backbone import BASE_CHECKPOINT, load_backbone, save_b
 from dgpo_lightning.world.model import BOS, UNK, WorldTextEncoder, world_vocabulary
 from dgpo_lightning.data.prompts import load_prompt_records
 
-ALL_PROMPTS = [r["prompt"] for split in ("train", "test") for r in load_prompt_records(f"world:{split}")]
+ALL_PROMPTS = [r["prompt"] for split in ("train", "validation", "test") for r in load_prompt_records(f"world:{split}")]
 
 
 def _inputs(backbone, batch=3, seed=0):

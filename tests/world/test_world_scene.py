@@ -25,7 +25,7 @@ from dgpo_lightning.world.scene import (
     validate_metadata,
 )
 
-ALL_RECORDS = load_prompt_records("world:train") + load_prompt_records("world:test")
+ALL_RECORDS = [r for split in ("train", "validation", "test") for r in load_prompt_records(f"world:{split}")]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -294,12 +294,12 @@ def test_pretraining_records_are_read_by_the_data_reader_and_errors_name_file_an
 def test_shipped_prompt_files_are_the_generators_output():
     from dgpo_lightning.world.pretrain import world_records
 
-    train, test = prompt_gen.generate()
-    assert load_prompt_records("world:train") == train
-    assert load_prompt_records("world:test") == test
-    # Pretraining sees exactly these records, in this order.
-    assert world_records("world:train") == train
-    assert world_records("world:test") == test
+    splits = prompt_gen.generate()
+    assert list(splits) == ["train", "validation", "test"]
+    for split, records in splits.items():
+        assert load_prompt_records(f"world:{split}") == records
+        # Pretraining and evaluation see exactly these records, in this order.
+        assert world_records(f"world:{split}") == records
 
 
 def test_prompt_phrasing_follows_geneval():
@@ -323,24 +323,37 @@ def _colour_class_pairs(record):
     return {(c["color"], c["class"]) for c in record["include"] if "color" in c}
 
 
-def test_test_split_holds_only_combinations_never_seen_in_training():
-    train, test = load_prompt_records("world:train"), load_prompt_records("world:test")
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_held_out_splits_hold_only_combinations_never_seen_in_training(split):
+    train, held = load_prompt_records("world:train"), load_prompt_records(f"world:{split}")
     train_prompts = {r["prompt"] for r in train}
     # Only single_object prompts (one per class, nothing to hold out) are shared.
-    assert {r["tag"] for r in test if r["prompt"] in train_prompts} == {"single_object"}
+    assert {r["tag"] for r in held if r["prompt"] in train_prompts} == {"single_object"}
     train_pairs = set().union(*(_colour_class_pairs(r) for r in train))
-    for record in test:
+    for record in held:
         if record["tag"] in ("colors", "color_attr"):
             assert _colour_class_pairs(record) - train_pairs, record["prompt"]
     train_counts = {(r["include"][0]["class"], r["include"][0]["count"]) for r in train if r["tag"] == "counting"}
-    test_counts = {(r["include"][0]["class"], r["include"][0]["count"]) for r in test if r["tag"] == "counting"}
-    assert test_counts and not test_counts & train_counts
+    held_counts = {(r["include"][0]["class"], r["include"][0]["count"]) for r in held if r["tag"] == "counting"}
+    assert held_counts and not held_counts & train_counts
     # ... while every class, colour, count and relation appears in training.
     assert {c["class"] for r in train for c in r["include"]} == set(CLASSES)
     assert {colour for colour, _ in train_pairs} == set(COLORS)
     assert {count for _, count in train_counts} == {2, 3, 4}
     assert {r["include"][1]["position"][0] for r in train if r["tag"] == "position"} == set(RELATIONS)
-    assert {r["tag"] for r in test} == set(TAGS)
-    tags = Counter(r["tag"] for r in test)
-    assert 60 <= len(test) <= 120 and min(tags[t] for t in ("colors", "position", "color_attr")) >= 6
-    assert len(train) > len(test)
+    assert {r["tag"] for r in held} == set(TAGS)
+    tags = Counter(r["tag"] for r in held)
+    assert 30 <= len(held) <= 60 and min(tags[t] for t in ("colors", "position", "color_attr")) >= 3
+    assert len(train) > len(held)
+
+
+def test_validation_and_test_share_no_held_out_prompt():
+    """Tuning on validation never sees a test prompt; together they are every held-out prompt once."""
+    validation, test = load_prompt_records("world:validation"), load_prompt_records("world:test")
+    shared = {r["prompt"] for r in validation} & {r["prompt"] for r in test}
+    assert {r["tag"] for r in validation + test if r["prompt"] in shared} == {"single_object"}
+    assert len(shared) == len(CLASSES)
+    # The two halves are the same size per task, to within one prompt.
+    for tag in TAGS:
+        counts = [sum(r["tag"] == tag for r in records) for records in (validation, test)]
+        assert abs(counts[0] - counts[1]) <= 1, (tag, counts)
