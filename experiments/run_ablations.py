@@ -75,6 +75,12 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("diffusion_nft", ["base/world_diffusion_nft.yaml"]),
     ],
     "sampler": [("ode", []), ("sde", ["ablations/sampler/sde.yaml"])],
+    # The ODE-vs-SDE disagreement: both samplers at 4, 6 and 10 rollout steps, the SDE at two noise levels.
+    "sampler_steps": [
+        (f"{sampler} {steps} steps", [*configs, *([f"ablations/sampler/steps_{steps}.yaml"] if steps != 10 else [])])
+        for sampler, configs in (("ode", []), ("sde a=0.7", ["ablations/sampler/sde.yaml"]), ("sde a=1.0", ["ablations/sampler/sde_1.0.yaml"]))
+        for steps in (4, 6, 10)
+    ],
     "t_min": [
         *[(f"t_min={t}", [f"ablations/t_min/{t}.yaml"]) for t in ("0.0", "0.2")],
         ("t_min=0.3", []),
@@ -93,6 +99,29 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("tdm_r1 (student, 4 NFE)", ["base/world_tdmr1.yaml"]),
         ("dgpo (student, 4 NFE)", ["base/world_student4.yaml"]),
         ("dgpo (base, 10 steps)", []),
+    ],
+    # The DGPO-vs-pairwise-DPO disagreement: best/worst vs all pairs, larger groups, the strict 0/1
+    # reward instead of the graded one the other suites train on.
+    "pairwise": [
+        ("dgpo", []),
+        ("dpo best/worst", ["base/world_diffusion_dpo.yaml"]),
+        ("dpo all pairs", ["base/world_diffusion_dpo.yaml", "ablations/dpo/all_pairs.yaml"]),
+        *[
+            (f"{name} G={g}", [*configs, f"ablations/group_size/{g}.yaml"])
+            for g in (16, 24)
+            for name, configs in (("dgpo", []), ("dpo best/worst", ["base/world_diffusion_dpo.yaml"]))
+        ],
+        ("dgpo 0/1 reward", ["ablations/reward/geneval_binary.yaml"]),
+        ("dpo best/worst 0/1 reward", ["ablations/reward/geneval_binary.yaml", "base/world_diffusion_dpo.yaml"]),
+    ],
+    # The reviewers' β ablation, for DGPO (base 100) and Diffusion-DPO (base 50).
+    "beta": [
+        ("dgpo β=25", ["ablations/beta/25.yaml"]),
+        ("dgpo β=100", []),
+        ("dgpo β=400", ["ablations/beta/400.yaml"]),
+        ("dpo β=12.5", ["base/world_diffusion_dpo.yaml", "ablations/beta/dpo_12.5.yaml"]),
+        ("dpo β=50", ["base/world_diffusion_dpo.yaml"]),
+        ("dpo β=200", ["base/world_diffusion_dpo.yaml", "ablations/beta/dpo_200.yaml"]),
     ],
     # Flow-GRPO's fair chance: one knob at a time from its official values (base/world_flow_grpo.yaml),
     # within the ranges of the official configs; run it with --split validation.

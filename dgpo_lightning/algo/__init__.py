@@ -6,7 +6,7 @@ Time convention: ``x_t = (1 − t)·x0 + t·ε``, ``t = 1`` is pure noise, veloc
 """
 
 from .advantages import group_advantages, group_weights
-from .baselines import DPOStats, FlowGRPOStats, best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
+from .baselines import DPOStats, FlowGRPOStats, all_preference_pairs, best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
 from .flow import denoising_error, flow_interpolate, velocity_target
 from .loss import DGPOStats, dgpo_group_weight, dgpo_loss
 from .nft import NFTStats, nft_loss, optimality_probability
@@ -39,6 +39,7 @@ __all__ = [
     "NFTStats",
     "SurrogateMasks",
     "Transition",
+    "all_preference_pairs",
     "best_worst_pairs",
     "denoising_error",
     "dgpo_group_weight",

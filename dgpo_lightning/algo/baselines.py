@@ -173,3 +173,27 @@ def best_worst_pairs(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tens
     losers = first_index_where(r == group_min[inverse])
     informative = group_max > group_min
     return winners[informative], losers[informative]
+
+
+def all_preference_pairs(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Every (winner, loser) pair of a group for Diffusion-DPO over all pairs: ``r_w > r_l``, same group.
+
+    A group of G samples with distinct rewards gives G(G−1)/2 pairs; tied samples form no pair.
+
+    Args:
+        rewards: ``[N]`` finite rewards.
+        group_index: ``[N]`` integer group labels.
+
+    Returns:
+        ``(winner_idx, loser_idx)``: ``[P]`` long indices into the batch, ordered by group label, then
+        by the winner's and the loser's batch index.
+    """
+    check_vector("rewards", rewards)
+    check_group_index(group_index, rewards.numel())
+    check_finite("rewards", rewards)
+    inverse, _ = dense_groups(group_index.to(rewards.device))
+    order = torch.sort(inverse, stable=True).indices  # by group, batch order within a group
+    r, g = rewards.detach()[order], inverse[order]
+    better = (g[:, None] == g[None, :]) & (r[:, None] > r[None, :])
+    winner, loser = better.nonzero(as_tuple=True)  # row-major: by winner, then loser
+    return order[winner], order[loser]

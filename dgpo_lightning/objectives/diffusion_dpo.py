@@ -1,4 +1,4 @@
-"""Online Diffusion-DPO (Wallace et al. 2023) on each group's best/worst pair.
+"""Online Diffusion-DPO (Wallace et al. 2023) on each group's best/worst pair, or on all its pairs.
 
 ``loss = mean_pairs softplus(β·((ℓ_θ,w − ℓ_ref,w) − (ℓ_θ,l − ℓ_ref,l))) + kl_β · KL``; winner and
 loser of a pair share their timesteps and noise (:func:`dgpo_lightning.algo.diffusion_dpo_loss`).
@@ -6,10 +6,12 @@ loser of a pair share their timesteps and noise (:func:`dgpo_lightning.algo.diff
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from dgpo_lightning.algo import best_worst_pairs, denoising_error, diffusion_dpo_loss, velocity_kl
+from dgpo_lightning.algo import all_preference_pairs, best_worst_pairs, denoising_error, diffusion_dpo_loss, velocity_kl
 from dgpo_lightning.models.backbone import index_conditioning
 from dgpo_lightning.objectives.base import (
     Objective,
@@ -29,14 +31,27 @@ from dgpo_lightning.objectives.batch import GroupBatch
 
 @register("diffusion_dpo")
 class DiffusionDPO(Objective):
-    """Pairwise Diffusion-DPO on online rollouts (the paper's pairwise baseline)."""
+    """Pairwise Diffusion-DPO on online rollouts (the paper's pairwise baseline).
+
+    Options (``model.algorithm_options``):
+        pairs: ``best_worst`` (default: one pair per group, its best and worst sample) or ``all``
+            (every pair of the group with different rewards, :func:`~dgpo_lightning.algo.all_preference_pairs`;
+            up to G(G−1)/2 pairs, each at the cost of two samples).
+    """
 
     needs = RolloutNeeds(sampler="any", trajectory=False)
+    PAIRINGS = {"best_worst": best_worst_pairs, "all": all_preference_pairs}
+
+    def __init__(self, settings, *, pairs: str = "best_worst", **options: Any):
+        super().__init__(settings, **options)
+        if pairs not in self.PAIRINGS:
+            raise ValueError(f"model.algorithm_options.pairs: {pairs!r} is not one of {', '.join(self.PAIRINGS)}")
+        self.pairing = self.PAIRINGS[pairs]
 
     def step(self, batch: GroupBatch, ctx: TrainContext) -> StepOutput:
         s = self.settings
         k = s.timesteps_per_sample
-        winners, losers = best_worst_pairs(batch.rewards, batch.group_index)
+        winners, losers = self.pairing(batch.rewards, batch.group_index)
         if winners.numel() == 0:
             raise ValueError("diffusion_dpo got a batch without any pair of different rewards; set data.skip_zero_std_groups=true")
         pairs = torch.cat([winners, losers])

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgpo_lightning.algo import best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
+from dgpo_lightning.algo import all_preference_pairs, best_worst_pairs, diffusion_dpo_loss, flow_grpo_loss
 
 
 def test_flow_grpo_clipping_by_hand():
@@ -108,6 +108,32 @@ def test_best_worst_pairs_matches_reference(samples):
             expected_l.append(members[values.index(min(values))])
     assert winners.tolist() == expected_w
     assert losers.tolist() == expected_l
+
+
+def test_all_preference_pairs_by_hand():
+    rewards = torch.tensor([0.2, 0.9, 0.9, 0.1, 0.5, 0.5, 0.7, 0.3, 0.1])
+    group_index = torch.tensor([4, 4, 4, 4, 1, 1, 8, 8, 6])
+    winners, losers = all_preference_pairs(rewards, group_index)
+    # group 1 (constant) and 6 (one sample) give nothing; group 4: the tied 0.9s beat 0.2 and 0.1, 0.2 beats 0.1
+    pairs = list(zip(winners.tolist(), losers.tolist()))
+    assert pairs == [(0, 3), (1, 0), (1, 3), (2, 0), (2, 3), (6, 7)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=20))
+def test_all_preference_pairs_matches_reference(samples):
+    labels = [s[0] for s in samples]
+    rewards = [float(s[1]) for s in samples]
+    winners, losers = all_preference_pairs(torch.tensor(rewards), torch.tensor(labels))
+    expected = [
+        (w, l)
+        for g in sorted(set(labels))
+        for w in range(len(labels)) if labels[w] == g
+        for l in range(len(labels)) if labels[l] == g and rewards[w] > rewards[l]
+    ]
+    assert list(zip(winners.tolist(), losers.tolist())) == expected
+    # the best/worst pair of each informative group is one of them
+    assert set(zip(*(t.tolist() for t in best_worst_pairs(torch.tensor(rewards), torch.tensor(labels))))) <= set(expected)
 
 
 def test_best_worst_pairs_rejects_nan():

@@ -112,16 +112,29 @@ def _gradient(tiny_world_path, batch_fn, algorithm="dgpo", **kwargs):
     return loss, flat(p.grad for p in module.trainable_parameters()), module, batch
 
 
-@pytest.mark.parametrize("algorithm", ["dgpo", "diffusion_dpo"])
+@pytest.mark.parametrize("algorithm, options", [("dgpo", {}), ("diffusion_dpo", {}), ("diffusion_dpo", {"pairs": "all"})])
 @pytest.mark.parametrize("micro_batch_size", [1, 5])
-def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, algorithm, micro_batch_size):
-    kwargs = dict(timesteps_per_sample=2, kl_beta=0.1, beta=40.0)
+def test_micro_batched_gradients_equal_the_single_pass(tiny_world_path, algorithm, options, micro_batch_size):
+    kwargs = dict(timesteps_per_sample=2, kl_beta=0.1, beta=40.0, algorithm_options=options)
     loss_full, grad_full, _, _ = _gradient(tiny_world_path, _batch, algorithm, **kwargs)
     loss_micro, grad_micro, _, _ = _gradient(tiny_world_path, _batch, algorithm, micro_batch_size=micro_batch_size, **kwargs)
     torch.testing.assert_close(loss_micro, loss_full, rtol=1e-5, atol=1e-6)
     scale = grad_full.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(grad_micro, grad_full, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_diffusion_dpo_over_all_pairs_is_best_vs_worst_for_pairs_and_more_for_larger_groups(tiny_world_path):
+    kwargs = dict(timesteps_per_sample=2, kl_beta=0.0, beta=40.0)
+    for group_size, same in ((2, True), (4, False)):
+        batch_fn = lambda module: _batch(module, group_size=group_size)  # noqa: E731
+        best_worst = _gradient(tiny_world_path, batch_fn, "diffusion_dpo", **kwargs)
+        every_pair = _gradient(tiny_world_path, batch_fn, "diffusion_dpo", algorithm_options={"pairs": "all"}, **kwargs)
+        # a group of two has exactly one pair: the same loss and gradient
+        assert torch.allclose(best_worst[0], every_pair[0]) is same
+        assert torch.allclose(best_worst[1], every_pair[1]) is same
+    with pytest.raises(ValueError, match="algorithm_options.pairs: 'some' is not one of best_worst, all"):
+        DGPOModule(model_path=str(tiny_world_path), algorithm="diffusion_dpo", algorithm_options={"pairs": "some"}).configure_model()
 
 
 def test_dgpo_step_loss_matches_an_independent_computation(tiny_world_path):
