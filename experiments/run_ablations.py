@@ -129,8 +129,9 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("flow_grpo", ["base/world_flow_grpo.yaml"]),
         *[
             (name, ["base/world_flow_grpo.yaml", f"ablations/flow_grpo/{name}.yaml"])
-            for name in ("lr_1e-3", "clip_1e-3", "kl_0", "noise_1.0", "timesteps_4")
+            for name in ("lr_1e-3", "clip_1e-3", "kl_0", "noise_1.0", "timesteps_4", "minibatches_2", "minibatches_4")
         ],
+        ("lr_1e-3 + kl_0", ["base/world_flow_grpo.yaml", "ablations/flow_grpo/lr_1e-3.yaml", "ablations/flow_grpo/kl_0.yaml"]),
     ],
     # Open question 1 (video): DGPO and Flow-GRPO on the embedded video world at equal wall-clock.
     "video": [

@@ -70,9 +70,9 @@ def test_every_shipped_record_is_a_scene_the_world_can_draw():
     from dgpo_lightning.data.prompts import read_prompt_file
     from dgpo_lightning.world.scene import validate_metadata
 
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         prompts = read_prompt_file(f"world:{split}")
-        assert len(prompts.records) > 50 and prompts.has_metadata
+        assert len(prompts.records) > 40 and prompts.has_metadata
         for index, record in enumerate(prompts.records):
             validate_metadata(record, where=prompts.where(index))
 
