@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--minutes",
         type=float,
-        default=30.0,
+        default=45.0,
         help="training-time cap (evaluation excluded); the config's trainer.max_steps ends the run first",
     )
     parser.add_argument("--out", default="runs/demo", help="run directory")
