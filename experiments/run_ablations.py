@@ -71,6 +71,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "speed": [
         ("dgpo", []),
         ("flow_grpo", ["base/world_flow_grpo.yaml"]),
+        # the best of the flow_grpo_tuning suite on the validation split (lr 1e-3, no KL)
+        ("flow_grpo (tuned)", ["base/world_flow_grpo.yaml", "ablations/flow_grpo/lr_1e-3.yaml", "ablations/flow_grpo/kl_0.yaml"]),
         ("diffusion_dpo", ["base/world_diffusion_dpo.yaml"]),
         ("diffusion_nft", ["base/world_diffusion_nft.yaml"]),
     ],
