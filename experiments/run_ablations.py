@@ -135,6 +135,13 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ],
         ("lr_1e-3 + kl_0", ["base/world_flow_grpo.yaml", "ablations/flow_grpo/lr_1e-3.yaml", "ablations/flow_grpo/kl_0.yaml"]),
     ],
+    # DGPO given the same tuning on validation: Flow-GRPO's tuned step size, half the update cost.
+    "dgpo_tuning": [
+        ("dgpo", []),
+        ("lr_1e-3", ["ablations/dgpo/lr_1e-3.yaml"]),
+        ("timesteps_2", ["ablations/dgpo/timesteps_2.yaml"]),
+        ("lr_1e-3 + timesteps_2", ["ablations/dgpo/lr_1e-3.yaml", "ablations/dgpo/timesteps_2.yaml"]),
+    ],
     # Open question 1 (video): DGPO and Flow-GRPO on the embedded video world at equal wall-clock.
     "video": [
         ("dgpo", []),
