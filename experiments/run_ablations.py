@@ -70,6 +70,8 @@ BASE, METRIC, QUALITY = IMAGE.base, IMAGE.metric, IMAGE.quality
 SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "speed": [
         ("dgpo", []),
+        # the best of the dgpo_tuning suite on the validation split (Flow-GRPO's tuned lr 1e-3)
+        ("dgpo (tuned)", ["ablations/dgpo/lr_1e-3.yaml"]),
         ("flow_grpo", ["base/world_flow_grpo.yaml"]),
         # the best of the flow_grpo_tuning suite on the validation split (lr 1e-3, no KL)
         ("flow_grpo (tuned)", ["base/world_flow_grpo.yaml", "ablations/flow_grpo/lr_1e-3.yaml", "ablations/flow_grpo/kl_0.yaml"]),
