@@ -22,6 +22,10 @@ def test_there_are_configs():
     assert BASE in CONFIGS and len(CONFIGS) >= 10
 
 
+#: Ablation folders whose cells compose after a method's base (which itself composes after BASE).
+METHOD_OF_ABLATION = {"dpo": "world_diffusion_dpo.yaml", "flow_grpo": "world_flow_grpo.yaml"}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_config_parses(config, tmp_path):
     # Base and paper task configs stand alone; ablations and overlays compose on top of the DGPO base,
@@ -30,6 +34,9 @@ def test_config_parses(config, tmp_path):
     paper_overlay = config.name == "cfg_free.yaml" or config.parent.name == "models"
     under = EXPERIMENTS / "paper" / "sd35m_ocr.yaml" if paper_overlay else BASE
     args = ["--config", str(config)] if standalone else ["--config", str(under), "--config", str(config)]
+    method = METHOD_OF_ABLATION.get(config.parent.name) if config.parent.parent.name == "ablations" else None
+    if method:
+        args[2:2] = ["--config", str(EXPERIMENTS / "base" / method)]
     # GPU configs are parsed on the CPU here; the accelerator is the only thing overridden.
     cli = parse(*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.precision=32-true")
     assert cli.model.hparams.algorithm in objectives.BUILTIN
