@@ -46,6 +46,23 @@ def held_out_position(pair_index: int, relation: str) -> bool:
     return (pair_index + RELATIONS.index(relation)) % 3 == 0
 
 
+class HeldOutSplits:
+    """Prompt splits filled in generation order: ``add(record, held_out)`` puts a trained combination in
+    ``train`` and sends held-out ones alternately to ``test`` and ``validation`` (test first), so the
+    two held-out splits never share a prompt. Used by the image and the video world."""
+
+    def __init__(self, names: tuple[str, ...] = ("train", "validation", "test")):
+        self.splits: dict[str, list[dict]] = {name: [] for name in names}
+        self._held = 0
+
+    def add(self, record: dict, held_out: bool) -> None:
+        if not held_out:
+            self.splits["train"].append(record)
+            return
+        self.splits["test" if self._held % 2 == 0 else "validation"].append(record)
+        self._held += 1
+
+
 def _record(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict:
     record = {"tag": tag, "include": include}
     if exclude:
@@ -57,18 +74,9 @@ def _record(tag: str, include: list[dict], prompt: str, exclude: list[dict] | No
 
 def generate() -> dict[str, list[dict]]:
     """``{"train": [...], "validation": [...], "test": [...]}`` lists of GenEval metadata records."""
-    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    train = splits["train"]
-    held = 0
+    held_out_splits = HeldOutSplits(SPLITS)
+    splits, add = held_out_splits.splits, held_out_splits.add
     ordered_pairs = list(itertools.permutations(CLASSES, 2))
-
-    def add(record: dict, held_out: bool) -> None:
-        nonlocal held
-        if not held_out:
-            train.append(record)
-            return
-        splits["test" if held % 2 == 0 else "validation"].append(record)
-        held += 1
 
     for cls in CLASSES:
         record = _record("single_object", [{"class": cls, "count": 1}], f"a photo of {article(cls)} {cls}")

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dgpo_lightning.world.prompts import HELD_OUT_COUNTS, NUMBERS, article, held_out_colour_pair
+from dgpo_lightning.world.prompts import HELD_OUT_COUNTS, NUMBERS, HeldOutSplits, article, held_out_colour_pair
 from dgpo_lightning.world.scene import CLASSES, COLORS, PLURALS
 from dgpo_lightning.world.video.scene import (
     DIRECTIONS,
@@ -61,16 +61,8 @@ def _record(tag: str, include: list[dict], motion: str, prompt: str, exclude: li
 
 def generate() -> dict[str, list[dict]]:
     """``{"train": [...], "validation": [...], "test": [...]}`` lists of records."""
-    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    held = 0
-
-    def add(record: dict, held_out: bool) -> None:
-        nonlocal held
-        if not held_out:
-            splits["train"].append(record)
-            return
-        splits["test" if held % 2 == 0 else "validation"].append(record)
-        held += 1
+    held_out_splits = HeldOutSplits(SPLITS)
+    splits, add = held_out_splits.splits, held_out_splits.add
 
     for cls in CLASSES:
         for direction in DIRECTIONS:
