@@ -435,9 +435,21 @@ def summarize(
     print((results / f"{stem}.md").read_text())
 
 
+def planned_runs(suites: list[str], seeds: list[int]) -> list[tuple[tuple[str, ...], int, str]]:
+    """The runs to launch, as (configs, seed, world name), in launch order: seeds outermost, so that a
+    sweep cut short still has one complete seed of every run; a run that several suites share (same
+    world, configs and seed) appears once."""
+    todo = {
+        (tuple(configs), seed, suite_world(suite).name): None
+        for seed in seeds for suite in suites for _, configs in SUITES[suite]
+    }
+    return list(todo)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--suite", choices=[*SUITES, "all"], nargs="+", default=["all"],
+                        help="one or more suites; runs they share (same configs and seed) are launched once")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget per run")
     parser.add_argument("--eval-every", type=int, default=3, help="rollout epochs between evaluations")
@@ -451,7 +463,7 @@ def main() -> None:
                         help="stop each run once it scores its start + G (--minutes is then the cap) and time every run to that target")
     args = parser.parse_args()
     EXTRA.extend(f"--{item}" for item in args.set)
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
     if args.only:
         known = {name for suite in suites for name, _ in SUITES[suite]}
         unknown = sorted(set(args.only) - known)
@@ -473,12 +485,7 @@ def main() -> None:
     if not args.summarize_only:
         from concurrent.futures import ThreadPoolExecutor
 
-        # Seeds outermost: a suite cut short still has one complete seed of every run.
-        # Runs shared by several suites are launched once.
-        todo = {
-            (tuple(configs), seed, suite_world(suite).name): None
-            for seed in args.seeds for suite in suites for _, configs in SUITES[suite]
-        }
+        todo = planned_runs(suites, args.seeds)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
                 pool.submit(

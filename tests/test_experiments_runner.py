@@ -115,3 +115,16 @@ def test_validation_runs_and_runs_stopped_at_a_target_have_their_own_directories
     assert runner.runs_folder(tmp_path, "base", runner.WORLDS["video"], "validation").name == "video_base_on_validation"
     assert runner.eval_args(runner.IMAGE, "validation")[-1] == "--data.eval_prompts=world:validation"
     assert runner.eval_args(runner.WORLDS["video"], "test")[-1] == "--data.eval_prompts=world_video:test"
+
+
+def test_suites_run_together_launch_their_shared_runs_once_seed_by_seed():
+    runner = _runner()
+    alone = {suite: runner.planned_runs([suite], [0]) for suite in ("pairwise", "beta")}
+    together = runner.planned_runs(["pairwise", "beta"], [0, 1])
+    shared = set(alone["pairwise"]) & set(alone["beta"])
+    # DGPO's base recipe and Diffusion-DPO's (β 100 / 50) are rows of both suites
+    assert ((), 0, "image") in shared and (("base/world_diffusion_dpo.yaml",), 0, "image") in shared
+    assert len(together) == 2 * (len(alone["pairwise"]) + len(alone["beta"]) - len(shared))
+    assert len(set(together)) == len(together)
+    seeds = [seed for _, seed, _ in together]
+    assert seeds == sorted(seeds)  # every run of seed 0 before any of seed 1
