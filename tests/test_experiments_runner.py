@@ -128,3 +128,21 @@ def test_suites_run_together_launch_their_shared_runs_once_seed_by_seed():
     assert len(set(together)) == len(together)
     seeds = [seed for _, seed, _ in together]
     assert seeds == sorted(seeds)  # every run of seed 0 before any of seed 1
+
+
+def test_sampler_statistics_measure_the_spread_inside_each_group(tmp_path):
+    spec = importlib.util.spec_from_file_location("sampler_statistics", EXPERIMENTS / "sampler_statistics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # two groups: rewards (0, 1, 1, 0) have population std 0.5; (0.5, 0.5, 0.5, 0.5) has none
+    per_image = [{"record": r, "geneval_partial": v} for r, values in ((0, (0, 1, 1, 0)), (3, (0.5,) * 4)) for v in values]
+    assert module.group_statistics(per_image) == {"group_std": 0.25, "zero_spread_groups": 0.5}
+    rows = [
+        {"sampler": f"{label} {steps} steps", "images": 8, "train_reward": 0.5, "geneval": 0.25, "group_std": 0.25,
+         "zero_spread_groups": 0.5, "sharpness": 2.0}
+        for label, _, _ in module.SAMPLERS for steps in module.STEPS
+    ]
+    module.write(rows, tmp_path, "world:validation", 4, 0)
+    table = (tmp_path / "sampler_statistics.md").read_text()
+    assert "| sde a=1.0 4 steps | 8 | 0.500 | 0.250 | 0.250 | 50.0% | 2.000 |" in table
+    assert (tmp_path / "sampler_statistics.png").stat().st_size > 0
