@@ -30,7 +30,6 @@ whose class/colour/count/relation combinations exclude the test split's.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -40,11 +39,10 @@ from typing import Any, Sequence
 import torch
 
 from dgpo_lightning.data.prompts import read_prompt_file
-from dgpo_lightning.models.ema import ema_update_
 from dgpo_lightning.sampling.settings import SamplerSettings
 from dgpo_lightning.world.backbone import build_backbone, save_backbone
 from dgpo_lightning.world.scene import validate_metadata
-from dgpo_lightning.world.training import TaskBalancedPrompts, flow_matching_loss, render_batch  # noqa: F401  (re-exported)
+from dgpo_lightning.world.training import PretrainingState, TaskBalancedPrompts, flow_matching_loss, render_batch  # noqa: F401  (re-exported)
 
 
 def world_records(spec: str | Path) -> list[dict]:
@@ -165,59 +163,32 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         model.load_state_dict(load_backbone(args.init).state_dict())
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    state = PretrainingState(
+        model, lr=args.lr, warmup=args.warmup, ema_decay=args.ema, seed=args.seed,
+        max_steps=max_steps, decay_steps=args.decay_steps, weight_decay=args.weight_decay,
+    )
+    ema, generator = state.ema, state.generator
     n_unet = sum(p.numel() for p in model.denoiser.parameters())
     n_text = sum(p.numel() for p in model.text_encoder.parameters())
     print(f"UNet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.3f}M params; threads {torch.get_num_threads()}")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    def lr_factor(step: int) -> float:
-        # Linear warm-up; with --steps and --decay-steps, a linear decay to 10% over the last steps.
-        factor = min(1.0, (step + 1) / max(1, args.warmup))
-        if max_steps is not None and args.decay_steps:
-            factor *= min(1.0, max(0.1, (max_steps - step) / args.decay_steps))
-        return factor
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    generator = torch.Generator().manual_seed(args.seed)
     prompts = TaskBalancedPrompts(world_records("world:train"), generator)
-    history: list[dict[str, Any]] = []
     start = time.monotonic()
     next_eval = start + 60 * args.eval_minutes
-    step, loss_avg, minutes_before = 0, None, 0.0
-    if args.resume and (out / TRAIN_STATE).is_file():
-        state = torch.load(out / TRAIN_STATE, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        step, loss_avg, history, minutes_before = state["step"], state["loss"], state["history"], state["minutes"]
-        print(f"resumed from step {step} ({minutes_before:.1f} min)")
+    if args.resume and state.resume(out / TRAIN_STATE):
+        print(f"resumed from step {state.step} ({state.minutes_before:.1f} min)")
 
     def checkpoint(final: bool = False) -> None:
         scales = sorted({1.0, args.guidance_scale, 2.0, 3.0}) if final else sorted({1.0, args.guidance_scale})
         result = heldout_eval(ema, args.eval_images, seed=1234, guidance_scales=scales)
-        minutes = minutes_before + (time.monotonic() - start) / 60
-        entry = {"step": step, "minutes": minutes, "loss": loss_avg, "heldout": result}
-        history.append(entry)
+        minutes = state.minutes_before + (time.monotonic() - start) / 60
+        entry = {"step": state.step, "minutes": minutes, "loss": state.loss_avg, "heldout": result}
+        state.history.append(entry)
         text = "  ".join(f"{k}: overall {v['overall']:.3f}" for k, v in result.items())
         detail = "  ".join(f"{k}={v:.2f}" for k, v in result[f"cfg{args.guidance_scale:g}"].items() if k != "overall")
-        print(f"\n[step {step}, {entry['minutes']:.1f} min, loss {loss_avg:.4f}] held-out {text}\n    {detail}", flush=True)
+        print(f"\n[step {state.step}, {minutes:.1f} min, loss {state.loss_avg:.4f}] held-out {text}\n    {detail}", flush=True)
         save_backbone(ema, out)
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "loss": loss_avg,
-            "history": history,
-            "minutes": minutes,
-        }
-        torch.save(state, out / TRAIN_STATE)
-        info = {"args": vars(args), "steps": step, "minutes": minutes, "history": history}
+        state.save(out / TRAIN_STATE, minutes)
+        info = {"args": vars(args), "steps": state.step, "minutes": minutes, "history": state.history}
         (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     progress = None
@@ -225,23 +196,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=max_steps, unit="step", mininterval=5.0)
-    while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
+    while (max_steps is None or state.step < max_steps) and time.monotonic() < deadline:
         records = prompts.draw(args.batch_size)
         texts = [r["prompt"] if float(torch.rand((), generator=generator)) >= args.caption_dropout else "" for r in records]
         images = render_batch(records, generator, args.caption_noise)
-        loss = flow_matching_loss(model, images, texts, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        # Warm-up of the EMA decay (as diffusers' EMAModel): early averages do not drag the random init along.
-        ema_update_(ema.parameters(), model.parameters(), min(args.ema, (1 + step) / (10 + step)))  # the world has no buffers
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        state.update(flow_matching_loss(model, images, texts, generator))
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+            progress.set_postfix(loss=f"{state.loss_avg:.4f}", refresh=False)
         if time.monotonic() >= next_eval:
             checkpoint()
             model.train()
@@ -249,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if progress is not None:
         progress.close()
     checkpoint(final=True)
-    print(f"done: {step} steps in {history[-1]['minutes']:.1f} min; EMA checkpoint in {out}")
+    print(f"done: {state.step} steps in {state.history[-1]['minutes']:.1f} min; EMA checkpoint in {out}")
 
 
 if __name__ == "__main__":

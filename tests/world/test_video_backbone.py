@@ -193,3 +193,18 @@ def test_canvas_init_from_the_image_model_is_the_image_model_on_the_canvas():
         torch.testing.assert_close(got, torch.stack([wide[..., :32], wide[..., 32:]], dim=2), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="layout"):
         tiny_backbone(layout="stacked")
+
+
+def test_video_pretraining_writes_a_loadable_ema_checkpoint_and_resumes_its_step_count(tmp_path):
+    import json
+
+    from dgpo_lightning.world.video.pretrain import main
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--batch-size", "2", "--channels", "32,32,32", "--eval-samples", "1", "--final-samples", "1", "--steps"]
+    main([*args, "2"])
+    main([*args, "3", "--resume"])
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["steps"] == 3 and [entry["step"] for entry in info["history"]] == [2, 3]
+    assert {"overall", "partial"} <= set(info["history"][-1]["heldout"])
+    assert load_backbone(out).latent_shape() == (3, FRAMES, 32, 32)

@@ -185,6 +185,42 @@ def test_pretrain_cli_writes_a_loadable_ema_checkpoint(tmp_path, capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+def test_pretraining_stopped_and_resumed_equals_one_uninterrupted_run_bit_for_bit(tmp_path):
+    from dgpo_lightning.world.pretrain import TRAIN_STATE, main
+
+    tiny = ["--batch-size", "4", "--channels", "8,16,16", "--text-dim", "16", "--text-layers", "1", "--no-progress",
+            "--warmup", "3", "--steps"]
+    main(["--out", str(tmp_path / "whole"), *tiny, "4"])
+    main(["--out", str(tmp_path / "split"), *tiny, "2"])
+    main(["--out", str(tmp_path / "split"), *tiny, "4", "--resume"])
+    whole, split = (torch.load(tmp_path / name / TRAIN_STATE, weights_only=False) for name in ("whole", "split"))
+    assert whole["step"] == split["step"] == 4 and whole["loss"] == split["loss"]
+    for key in ("model", "ema"):
+        for name, value in whole[key].items():
+            torch.testing.assert_close(split[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert split["optimizer"]["param_groups"][0]["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
+    assert torch.equal(split["generator"], whole["generator"])
+    assert [entry["step"] for entry in split["history"]] == [2, 4]
+
+
+def test_pretraining_state_warms_up_the_lr_and_the_ema_decay_then_decays_the_lr():
+    from dgpo_lightning.world.training import PretrainingState
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    state = PretrainingState(model, lr=1.0, warmup=4, ema_decay=0.5, seed=0, max_steps=10, decay_steps=5)
+    lrs, emas = [], []
+    for _ in range(10):
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+        before = state.ema.weight.detach().clone()
+        state.update(model(torch.ones(1, 2)).sum())
+        decay = min(0.5, (1 + state.step) / (10 + state.step))
+        emas.append(torch.allclose(state.ema.weight, decay * before + (1 - decay) * model.weight.detach()))
+    # warm-up (step + 1) / 4, then 1, then the last 5 steps decay linearly to 10%: (10 - step) / 5
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert lrs == pytest.approx(expected)
+    assert all(emas)
+
+
 # ----------------------------------------------------------------------------- shipped checkpoint
 
 

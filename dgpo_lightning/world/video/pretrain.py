@@ -25,7 +25,6 @@ with :func:`~dgpo_lightning.world.video.prompts.read_records` and samples with t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -35,8 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from dgpo_lightning.world import training as world_training
-from dgpo_lightning.world.training import TaskBalancedPrompts, flow_matching_loss
-from dgpo_lightning.models.ema import ema_update_
+from dgpo_lightning.world.training import PretrainingState, TaskBalancedPrompts, flow_matching_loss
 from dgpo_lightning.sampling.noise import initial_noise
 from dgpo_lightning.sampling.ode import ode_dpm
 from dgpo_lightning.sampling.schedule import flow_sigmas
@@ -178,72 +176,44 @@ def main(argv: Sequence[str] | None = None) -> None:
         image = load_image_backbone(None if args.init_image == "base" else args.init_image)
         print(f"initialised from the image model: {init_from_image_model(model, image)}", flush=True)
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    state = PretrainingState(
+        model, lr=args.lr, warmup=args.warmup, ema_decay=args.ema, seed=args.seed,
+        max_steps=max_steps, decay_steps=args.decay_steps,
+    )
+    ema, generator = state.ema, state.generator
     n_unet = sum(p.numel() for p in model.denoiser.parameters())
     print(f"UNet {n_unet / 1e6:.2f}M params; threads {torch.get_num_threads()}", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-
-    def lr_factor(step: int) -> float:
-        factor = min(1.0, (step + 1) / max(1, args.warmup))
-        if max_steps is not None and args.decay_steps:
-            factor *= min(1.0, max(0.1, (max_steps - step) / args.decay_steps))
-        return factor
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    generator = torch.Generator().manual_seed(args.seed)
     prompts = TaskBalancedPrompts(read_records("train"), generator)
-    history: list[dict[str, Any]] = []
-    step, loss_avg, minutes_before = 0, None, 0.0
-    if args.resume and (out / TRAIN_STATE).is_file():
-        state = torch.load(out / TRAIN_STATE, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        step, loss_avg, history, minutes_before = state["step"], state["loss"], state["history"], state["minutes"]
-        print(f"resumed from step {step} ({minutes_before:.1f} min)", flush=True)
+    if args.resume and state.resume(out / TRAIN_STATE):
+        print(f"resumed from step {state.step} ({state.minutes_before:.1f} min)", flush=True)
     start = time.monotonic()
 
     def checkpoint(samples: int) -> None:
-        train_minutes = minutes_before + (time.monotonic() - start) / 60
+        train_minutes = state.minutes_before + (time.monotonic() - start) / 60
         result = heldout_eval(ema, samples_per_prompt=samples)
-        entry = {"step": step, "minutes": train_minutes, "loss": loss_avg, "samples_per_prompt": samples, "heldout": result}
-        history.append(entry)
-        print(f"[step {step}, {train_minutes:.1f} min, loss {loss_avg:.4f}] held-out ({samples}/prompt): "
+        entry = {"step": state.step, "minutes": train_minutes, "loss": state.loss_avg, "samples_per_prompt": samples, "heldout": result}
+        state.history.append(entry)
+        print(f"[step {state.step}, {train_minutes:.1f} min, loss {state.loss_avg:.4f}] held-out ({samples}/prompt): "
               + "  ".join(f"{k}={v:.3f}" for k, v in result.items()), flush=True)
         save_backbone(ema, out)
-        torch.save(
-            {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step, "loss": loss_avg,
-             "history": history, "minutes": train_minutes},
-            out / TRAIN_STATE,
-        )
-        info = {"args": vars(args), "steps": step, "minutes": train_minutes, "history": history}
+        state.save(out / TRAIN_STATE, train_minutes)
+        info = {"args": vars(args), "steps": state.step, "minutes": train_minutes, "history": state.history}
         (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     next_eval = time.monotonic() + 60 * args.eval_minutes
-    while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
+    while (max_steps is None or state.step < max_steps) and time.monotonic() < deadline:
         records = prompts.draw(args.batch_size)
         texts = [r["prompt"] if float(torch.rand((), generator=generator)) >= args.caption_dropout else "" for r in records]
         videos = render_batch(records, generator, args.caption_noise)
-        loss = flow_matching_loss(model, videos, texts, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        ema_update_(ema.parameters(), model.parameters(), min(args.ema, (1 + step) / (10 + step)))
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 100 == 0:
-            print(f"step {step} loss {loss_avg:.4f} ({(time.monotonic() - start) / 60:.1f} min)", flush=True)
+        state.update(flow_matching_loss(model, videos, texts, generator))
+        if state.step % 100 == 0:
+            print(f"step {state.step} loss {state.loss_avg:.4f} ({(time.monotonic() - start) / 60:.1f} min)", flush=True)
         if time.monotonic() >= next_eval:
             checkpoint(args.eval_samples)
             model.train()
             next_eval = time.monotonic() + 60 * args.eval_minutes
     checkpoint(args.final_samples)
-    print(f"done: {step} steps; EMA checkpoint in {out}", flush=True)
+    print(f"done: {state.step} steps; EMA checkpoint in {out}", flush=True)
 
 
 if __name__ == "__main__":
