@@ -921,18 +921,22 @@ COMPARE = [
         seeds), the gain over the base, the eval-only quality proxy (`sharpness`), the minutes to a common target
         (half of the best run's gain) and the rollout images generated. This notebook
 
-        1. loads every suite's table (`experiments/results/` on the shipped base, `experiments/clean_base/` on the
-           stage-1 clean-caption base, and any other suite output named by `DGPO_SUITE_DIR`),
+        1. loads every suite's table (on the shipped base `experiments/shipped_base/`, `experiments/disagreements/` and
+           `experiments/speed_to_target/`, scored on the test split, and `experiments/results/`, the pooled held-out
+           prompts before the split; `experiments/clean_base/` on the stage-1 clean-caption base; and any other suite
+           output named by `DGPO_SUITE_DIR`),
         2. prints the paper's claim next to what each table measured,
         3. plots each suite's final scores with their seed spread, the time to the target and the images,
         4. and, where a suite's run directories are on this machine (`<suite dir>/runs/`, not committed), the
            held-out score against training wall-clock and against images for every seed (mean and min–max band)
            and the time each run spent sampling, scoring and optimising.
 
-        The committed outputs show the measured tables of `experiments/` and, for the curves and phases, a short demo
-        suite (`python experiments/run_ablations.py --suite speed --seeds 0 1 --minutes 1 --eval-every 1 --jobs 1
-        --out runs/notebook_suite`, about a minute of training per run: what the plots look like, not a measurement; its
-        table is left out of the comparison unless `DGPO_SUITE_DIR` names it). With
+        The committed outputs show the measured tables of `experiments/` and, for the curves and phases, the run
+        directories of the suites measured on the test split (`experiments/shipped_base/runs/`,
+        `experiments/disagreements/runs/`, `experiments/speed_to_target/runs/`; not committed, so a fresh clone shows
+        the tables only until the suites are run). Any other suite output, such as a short demo suite
+        (`python experiments/run_ablations.py --suite speed --seeds 0 1 --minutes 1 --eval-every 1 --jobs 1
+        --out runs/notebook_suite`), is read from `runs/notebook_suite` or `DGPO_SUITE_DIR`. With
         `DGPO_NOTEBOOK_TINY=1` (the tests) a tiny random model is trained for two epochs to stand in for a suite's
         run directory.
         """
@@ -961,7 +965,10 @@ COMPARE = [
         SUITES, METRIC, QUALITY = ablations.SUITES, ablations.METRIC, ablations.QUALITY
 
         SOURCES = {
-            'shipped base (experiments/)': ROOT / 'experiments',
+            'shipped base, test split (experiments/shipped_base/)': ROOT / 'experiments' / 'shipped_base',
+            'shipped base, test split (experiments/disagreements/)': ROOT / 'experiments' / 'disagreements',
+            'shipped base, test split, runs to a target (experiments/speed_to_target/)': ROOT / 'experiments' / 'speed_to_target',
+            'shipped base, pooled held-out prompts before the split (experiments/)': ROOT / 'experiments',
             'clean-caption base (experiments/clean_base/)': ROOT / 'experiments' / 'clean_base',
             'clean-caption base, 4 min (clean_base/speed_4min/)': ROOT / 'experiments' / 'clean_base' / 'speed_4min',
         }
