@@ -11,7 +11,7 @@ by default: the tuning split, never the test one) with the evaluation pipeline a
 - the sharpness proxy (eval-only; a noisier sampler leaves more high-frequency energy).
 
 ``python experiments/sampler_statistics.py --out experiments/disagreements/sampler_statistics`` writes
-``sampler_statistics.{csv,md,png}`` there (about 3 minutes on one CPU thread).
+``sampler_statistics.{csv,md,png}`` there (about 2 minutes on one CPU thread).
 """
 
 from __future__ import annotations
