@@ -195,6 +195,82 @@ def test_canvas_init_from_the_image_model_is_the_image_model_on_the_canvas():
         tiny_backbone(layout="stacked")
 
 
+def test_frame_levels_canvas_feeds_each_frames_own_level_and_the_highest_to_the_timestep(tmp_path):
+    torch.manual_seed(5)
+    model = tiny_backbone(layout="canvas", frame_levels=True).eval()
+    assert model.denoiser.config.in_channels == 3 * 4 + 2
+    x, levels = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([[0.1, 0.8], [0.6, 0.3]])
+    cond = model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        canvas = torch.cat([x[:, :, 0], x[:, :, 1]], dim=-1)
+        position = torch.cat([torch.full((2, 1, 16, 16), -1.0), torch.full((2, 1, 16, 16), 1.0)], dim=-1)
+        level_map = torch.cat([levels[:, 0].view(2, 1, 1, 1).expand(2, 1, 16, 16), levels[:, 1].view(2, 1, 1, 1).expand(2, 1, 16, 16)], dim=-1)
+        out = model.denoiser(
+            torch.cat([F.pixel_unshuffle(canvas, 2), position, level_map], 1), 1000 * torch.tensor([0.8, 0.6]),
+            encoder_hidden_states=cond["prompt_embeds"], encoder_attention_mask=cond["attention_mask"], return_dict=False,
+        )[0]
+        out = F.pixel_shuffle(out, 2)
+        torch.testing.assert_close(model.frame_velocity(x, levels, cond), torch.stack([out[..., :32], out[..., 32:]], dim=2), atol=1e-5, rtol=1e-5)
+        t = torch.tensor([0.25, 0.9])  # equal levels are the ordinary velocity
+        torch.testing.assert_close(model.frame_velocity(x, t[:, None].expand(2, FRAMES), cond), model.velocity(x, t, cond))
+    save_backbone(model, tmp_path / "levels")
+    back = load_backbone(tmp_path / "levels")
+    assert back.frame_levels and back.options()["frame_levels"] is True
+    with pytest.raises(ValueError, match="frame_levels"):
+        tiny_backbone(layout="factorised", frame_levels=True)
+    with pytest.raises(ValueError, match="frame_levels=True"):
+        tiny_backbone(layout="canvas").frame_velocity(x, levels, cond)
+    with pytest.raises(ValueError, match="levels must be"):
+        model.frame_velocity(x, levels[:, :1], cond)
+
+
+def test_a_frame_levels_model_initialised_from_a_canvas_model_starts_as_it():
+    from dgpo_lightning.world.video.pretrain import init_from_video_model
+
+    torch.manual_seed(6)
+    source, widened = tiny_backbone(layout="canvas").eval(), tiny_backbone(layout="canvas", frame_levels=True).eval()
+    assert init_from_video_model(widened, source) == {"copied": len(source.denoiser.state_dict()) - 1, "zeroed": 1}
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        torch.testing.assert_close(widened.velocity(x, t, widened.encode_prompts(PROMPTS)), source.velocity(x, t, source.encode_prompts(PROMPTS)))
+    with pytest.raises(ValueError, match="layouts differ"):
+        init_from_video_model(widened, tiny_backbone(layout="factorised"))
+
+
+def test_frame_levels_draws_lower_one_frame_of_the_chosen_clips_and_the_loss_matches_a_recomputation():
+    from dgpo_lightning.world.video.pretrain import draw_frame_levels, frame_levels_loss
+
+    levels = draw_frame_levels(4000, 2, 0.5, torch.Generator().manual_seed(0))
+    uneven = levels[:, 0] != levels[:, 1]
+    assert abs(uneven.float().mean().item() - 0.5) < 0.03
+    low, high = levels.min(dim=1).values, levels.max(dim=1).values
+    assert (low[uneven] < high[uneven]).all() and abs((low[uneven] / high[uneven]).mean().item() - 0.5) < 0.03  # u ~ U[0, 1]
+    assert abs((levels[uneven, 0] < levels[uneven, 1]).float().mean().item() - 0.5) < 0.05  # either frame
+    assert torch.equal(draw_frame_levels(50, 2, 0.0, torch.Generator().manual_seed(1)).diff(dim=1), torch.zeros(50, 1))
+
+    torch.manual_seed(7)
+    model = tiny_backbone(layout="canvas", frame_levels=True)
+    videos = torch.rand(3, FRAMES, 3, 32, 32)
+    got = frame_levels_loss(model, videos, PROMPTS[:1] * 3, torch.Generator().manual_seed(2), 0.5)
+    generator = torch.Generator().manual_seed(2)  # the same draws: noise, then the levels
+    x0 = videos.permute(0, 2, 1, 3, 4) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    drawn = draw_frame_levels(3, FRAMES, 0.5, generator)
+    x_t = torch.stack([(1 - drawn[:, f, None, None, None]) * x0[:, :, f] + drawn[:, f, None, None, None] * noise[:, :, f] for f in range(FRAMES)], 2)
+    v = model.frame_velocity(x_t, drawn, model.encode_prompts(PROMPTS[:1] * 3))
+    torch.testing.assert_close(got, ((v - (noise - x0)) ** 2).mean())
+
+
+def test_video_pretraining_with_frame_levels_trains_and_saves_a_frame_levels_model(tmp_path):
+    from dgpo_lightning.world.video.pretrain import main
+
+    args = ["--batch-size", "2", "--channels", "32,32,32", "--eval-samples", "1", "--final-samples", "1", "--steps", "2", "--layout", "canvas"]
+    main(["--out", str(tmp_path / "a"), *args, "--frame-levels", "0.5"])
+    assert load_backbone(tmp_path / "a").frame_levels
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "b"), "--frame-levels", "0.5"])  # needs the canvas layout
+
+
 def test_video_pretraining_writes_a_loadable_ema_checkpoint_and_resumes_its_step_count(tmp_path):
     import json
 

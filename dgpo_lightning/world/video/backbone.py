@@ -12,6 +12,13 @@ one layout as the image model's objects do, and a motion is a spatial relation b
 of the canvas (as "A left of B" is for the image model). It starts exactly as the image model run on
 the canvas (zero weights on the position channel).
 
+``frame_levels`` (canvas only) adds one more input channel holding each frame's own noise level, so
+the frames of one clip can be denoised at different levels (:meth:`VideoWorldBackbone.frame_velocity`;
+the UNet's timestep embedding gets the clip's highest level). Pretraining then noises one frame less
+than the other for part of the batch (diffusion forcing, Chen et al. 2024): the noisier frame can
+only be predicted well from the cleaner one, which is the cross-frame signal equal noise levels
+barely give. Sampling, RL and every ``velocity`` call use equal levels, the channel holding ``t``.
+
 ``factorised`` (the first video base): a factorised space-time model: the image world's UNet (:mod:`dgpo_lightning.world.backbone`,
 2×2 pixel-unshuffle, timestep ``1000 t``, cross-attention to the text) runs on every frame as a
 batch of ``B·F`` images, and each frame's call also sees
@@ -89,16 +96,19 @@ class VideoWorldBackbone(WorldBackbone):
         shift: float = 3.0,
         patch_size: int = 2,
         layout: str = "factorised",
+        frame_levels: bool = False,
     ):
         nn.Module.__init__(self)  # WorldBackbone's own check wants in_channels == out_channels
         pixels = 3 * patch_size * patch_size
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-        want = LAYOUT_IN_CHANNELS[layout](pixels)
+        if frame_levels and layout != "canvas":
+            raise ValueError(f"frame_levels needs layout 'canvas' (got {layout!r})")
+        want = LAYOUT_IN_CHANNELS[layout](pixels) + int(frame_levels)
         if unet.config.in_channels != want or unet.config.out_channels != pixels:
             raise ValueError(
                 f"unet channels {unet.config.in_channels}/{unet.config.out_channels} must be {want}/{pixels} "
-                f"for layout {layout!r}, patch_size={patch_size}"
+                f"for layout {layout!r}, patch_size={patch_size}, frame_levels={frame_levels}"
             )
         if layout == "factorised" and unet.config.num_class_embeds != num_frames:
             raise ValueError(f"unet.num_class_embeds={unet.config.num_class_embeds} != num_frames={num_frames}")
@@ -113,13 +123,14 @@ class VideoWorldBackbone(WorldBackbone):
         self.patch_size = int(patch_size)
         self.num_frames = int(num_frames)
         self.layout = layout
+        self.frame_levels = bool(frame_levels)
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout``."""
         if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
             raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
         if self.layout == "canvas":
-            return self._unet_canvas(x_t, t, cond)
+            return self._unet_canvas(x_t, t[:, None].expand(-1, self.num_frames), cond)
         b, c, f, h, w = x_t.shape
         dtype = self.denoiser.conv_in.weight.dtype
         p = self.patch_size
@@ -137,21 +148,24 @@ class VideoWorldBackbone(WorldBackbone):
         )[0]
         return Fn.pixel_shuffle(v, p).reshape(b, f, c, h, w).transpose(1, 2).to(x_t.dtype)
 
-    def _unet_canvas(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def _unet_canvas(self, x_t: Tensor, levels: Tensor, cond: Conditioning) -> Tensor:
         """One UNet call per clip on its frames laid side by side, ``[B, 3, H, F·W]``, plus one input
         channel holding each pixel's frame position ``2f/(F−1) − 1`` (the UNet has no positional
-        embedding, so this is how a column knows which frame it belongs to)."""
+        embedding, so this is how a column knows which frame it belongs to) and, with
+        ``frame_levels``, one holding its frame's noise level ``levels [B, F]``."""
         b, c, f, h, w = x_t.shape
         dtype = self.denoiser.conv_in.weight.dtype
         p = self.patch_size
         canvas = x_t.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)  # frame f occupies columns [f·W, (f+1)·W)
         position = torch.linspace(-1.0, 1.0, f, device=x_t.device) if f > 1 else torch.zeros(1, device=x_t.device)
-        position = position.repeat_interleave(w // p).expand(b, 1, h // p, f * w // p)
-        x = torch.cat([Fn.pixel_unshuffle(canvas, p), position.to(canvas.dtype)], dim=1).to(dtype)
+        channels = [Fn.pixel_unshuffle(canvas, p), position.repeat_interleave(w // p).expand(b, 1, h // p, f * w // p).to(canvas.dtype)]
+        if self.frame_levels:
+            channels.append(levels.to(canvas.dtype).repeat_interleave(w // p, dim=1)[:, None, None, :].expand(b, 1, h // p, f * w // p))
+        x = torch.cat(channels, dim=1).to(dtype)
         mask = cond.get("attention_mask")
         v = self.denoiser(
             x,
-            1000.0 * t.to(dtype),
+            1000.0 * levels.amax(dim=1).to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             encoder_attention_mask=mask.to(dtype) if mask is not None else None,
             return_dict=False,
@@ -161,6 +175,15 @@ class VideoWorldBackbone(WorldBackbone):
     def velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """``v(x_t, t, c)`` for ``x_t [B, 3, F, 32, 32]``, ``t [B]`` in ``[0, 1]`` (CFG as the image world)."""
         return super().velocity(x_t, t, cond, guidance_scale)
+
+    def frame_velocity(self, x_t: Tensor, levels: Tensor, cond: Conditioning) -> Tensor:
+        """``v(x_t, levels, c)`` with each frame at its own noise level ``levels [B, F]`` in ``[0, 1]``
+        (``frame_levels`` backbones; no CFG). Equal levels ``t`` give ``velocity(x_t, t, c)``."""
+        if not self.frame_levels:
+            raise ValueError("frame_velocity needs a backbone built with frame_levels=True (an input channel per frame's level)")
+        if levels.shape != (x_t.shape[0], self.num_frames):
+            raise ValueError(f"levels must be [B, F] = [{x_t.shape[0]}, {self.num_frames}], got {tuple(levels.shape)}")
+        return self._unet_canvas(x_t, levels, cond)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, F, h, w) = (3, F, 32, 32)``."""
@@ -176,7 +199,8 @@ class VideoWorldBackbone(WorldBackbone):
         return videos.permute(0, 2, 1, 3, 4) * 2 - 1
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "num_frames": self.num_frames, "layout": self.layout}
+        options = {**super().options(), "num_frames": self.num_frames, "layout": self.layout}
+        return {**options, "frame_levels": True} if self.frame_levels else options
 
 
 def build_backbone(
@@ -190,11 +214,12 @@ def build_backbone(
     layout = options.get("layout", "factorised")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    extra = int(bool(options.get("frame_levels", False)))
     unet_config = {
         **DEFAULT_UNET,
         "block_out_channels": DEFAULT_CHANNELS,
         "sample_size": SIZE // p,
-        "in_channels": LAYOUT_IN_CHANNELS[layout](pixels),
+        "in_channels": LAYOUT_IN_CHANNELS[layout](pixels) + extra,
         "out_channels": pixels,
         "num_class_embeds": num_frames if layout == "factorised" else None,
         "cross_attention_dim": encoder.config.hidden_dim,
@@ -238,6 +263,6 @@ def load_backbone(
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
     options.setdefault("num_frames", unet.config.num_class_embeds)
-    known = {"guidance_scale", "shift", "patch_size", "num_frames", "layout"}
+    known = {"guidance_scale", "shift", "patch_size", "num_frames", "layout", "frame_levels"}
     backbone = VideoWorldBackbone(unet, encoder, **{k: v for k, v in options.items() if k in known})
     return backbone.to(device).eval().requires_grad_(False)

@@ -10,7 +10,8 @@ with 10% caption dropout (CFG). UNet and text encoder train jointly; an EMA of t
 saved (``DIR``, :func:`~dgpo_lightning.world.video.backbone.save_backbone`) with ``pretrain.json``.
 With ``--caption-noise P`` a fraction P of the clips is drawn for a corrupted record
 (:func:`~dgpo_lightning.world.video.scene.corrupt_metadata`) under the original caption, the image
-base's stage-2 recipe. The EMA model is evaluated periodically on the held-out prompts
+base's stage-2 recipe. With ``--frame-levels P`` (a ``frame_levels`` canvas model) a fraction P of
+the clips has one frame noised less than the other (:func:`frame_levels_loss`). The EMA model is evaluated periodically on the held-out prompts
 (:func:`heldout_eval`: strict ``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
 
 With ``--init-image`` (``base``: the shipped image-world base) the model starts from an image-world
@@ -33,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from dgpo_lightning.algo.flow import denoising_error, velocity_target
 from dgpo_lightning.world import training as world_training
 from dgpo_lightning.world.training import PretrainingState, TaskBalancedPrompts, flow_matching_loss
 from dgpo_lightning.sampling.noise import initial_noise
@@ -49,6 +51,34 @@ TRAIN_STATE = "train_state.pt"
 def render_batch(records: Sequence[dict], generator: torch.Generator, caption_noise: float = 0.0) -> torch.Tensor:
     """Fresh clips ``[B, F, 3, 32, 32]``; with probability ``caption_noise`` a record is corrupted first."""
     return world_training.render_batch(records, generator, caption_noise, render=render_prompt, corrupt=corrupt_metadata)
+
+
+def draw_frame_levels(batch: int, frames: int, uneven: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels ``[B, F]``: ``t ~ U[0, 1]`` for every frame of a clip; with probability ``uneven``
+    one frame of the clip (uniformly chosen) gets ``u · t`` instead, ``u ~ U[0, 1]``."""
+    t = torch.rand(batch, generator=generator)
+    levels = t[:, None].repeat(1, frames)
+    chosen = torch.rand(batch, generator=generator) < uneven
+    frame = torch.randint(frames, (batch,), generator=generator)
+    lower = torch.rand(batch, generator=generator) * t
+    rows = torch.nonzero(chosen).flatten()
+    levels[rows, frame[rows]] = lower[rows]
+    return levels
+
+
+def frame_levels_loss(backbone, videos: torch.Tensor, prompts: Sequence[str], generator: torch.Generator, uneven: float) -> torch.Tensor:
+    """Mean ``‖v_θ(x_L, L, c) − (ε − x0)‖²`` with per-frame levels ``L [B, F]``
+    (:func:`draw_frame_levels`) and ``x_L[:, :, f] = (1 − L_f) x0[:, :, f] + L_f ε[:, :, f]``: the
+    rectified-flow target ``ε − x0`` does not depend on the level, so frames at different levels share
+    one loss (diffusion forcing). ``uneven = 0`` is :func:`~dgpo_lightning.world.training.flow_matching_loss`'s
+    objective (a different draw order)."""
+    x0 = backbone.encode(videos)  # [B, 3, F, H, W]
+    noise = torch.randn(x0.shape, generator=generator)
+    levels = draw_frame_levels(x0.shape[0], x0.shape[2], uneven, generator)
+    per_frame = levels[:, None, :, None, None]  # broadcast over channels and pixels
+    x_t = (1 - per_frame) * x0 + per_frame * noise
+    v = backbone.frame_velocity(x_t, levels, backbone.encode_prompts(list(prompts)))
+    return denoising_error(v, velocity_target(x0, noise)).mean()
 
 
 @torch.no_grad()
@@ -85,6 +115,33 @@ def heldout_eval(
     summary["overall"] = sum(summary.values()) / len(summary)
     summary["partial"] = sum(partial) / len(partial)
     return summary
+
+
+@torch.no_grad()
+def init_from_video_model(video, source) -> dict[str, int]:
+    """Copy a video backbone's weights into ``video`` (same widths), whose input convolution may take
+    more channels (e.g. a ``frame_levels`` model from a plain canvas one): the extra ones start at
+    zero, so ``video`` starts as ``source`` at equal levels. Returns counts of ``copied`` / ``zeroed``."""
+    if (video.layout, video.patch_size, video.num_frames) != (source.layout, source.patch_size, source.num_frames):
+        raise ValueError(
+            f"layouts differ: {(video.layout, video.patch_size, video.num_frames)} vs "
+            f"{(source.layout, source.patch_size, source.num_frames)} (layout, patch size, frames)"
+        )
+    counts = {"copied": 0, "zeroed": 0}
+    weights = source.denoiser.state_dict()
+    for name, value in video.denoiser.state_dict().items():
+        given = weights[name]
+        if given.shape == value.shape:
+            value.copy_(given)
+            counts["copied"] += 1
+        elif name == "conv_in.weight" and value.shape[1] > given.shape[1] and value.shape[0] == given.shape[0]:
+            value.zero_()
+            value[:, : given.shape[1]] = given
+            counts["zeroed"] += 1
+        else:
+            raise ValueError(f"{name}: {tuple(given.shape)} in the source, {tuple(value.shape)} here")
+    video.text_encoder.load_state_dict(source.text_encoder.state_dict())
+    return counts
 
 
 @torch.no_grad()
@@ -145,6 +202,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-noise", type=float, default=0.0, help="probability that a clip is drawn from a corrupted record")
     parser.add_argument("--channels", default=None, help="UNet block_out_channels (default: the shipped 32,64,64)")
     parser.add_argument("--layout", choices=("factorised", "canvas"), default="factorised", help="how the denoiser sees a clip (backbone.LAYOUTS)")
+    parser.add_argument(
+        "--frame-levels", type=float, default=None, metavar="P",
+        help="build a frame_levels canvas model and noise one frame of a clip less than the other with probability P",
+    )
+    parser.add_argument("--eval-split", default="validation", help="prompt split of the periodic held-out evaluations")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation/save cadence")
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt in the periodic evaluations")
     parser.add_argument("--final-samples", type=int, default=16, help="samples per held-out prompt in the final evaluation")
@@ -155,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.caption_noise < 1.0:
         parser.error(f"--caption-noise must be in [0, 1), got {args.caption_noise}")
+    if args.frame_levels is not None and (args.layout != "canvas" or not 0.0 <= args.frame_levels <= 1.0):
+        parser.error(f"--frame-levels needs --layout canvas and a probability in [0, 1], got {args.frame_levels} with {args.layout}")
     return args
 
 
@@ -167,9 +231,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     max_steps = args.steps if args.steps is not None else (None if args.minutes else 2000)
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
     unet = {"block_out_channels": tuple(int(c) for c in args.channels.split(","))} if args.channels else None
-    model = build_backbone(unet=unet, layout=args.layout)
+    model = build_backbone(unet=unet, layout=args.layout, frame_levels=args.frame_levels is not None)
     if args.init:
-        model.load_state_dict(load_backbone(args.init).state_dict())
+        source = load_backbone(None if args.init == "base" else args.init)
+        print(f"initialised from the video model: {init_from_video_model(model, source)}", flush=True)
     elif args.init_image:
         from dgpo_lightning.world.backbone import load_backbone as load_image_backbone
 
@@ -188,13 +253,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"resumed from step {state.step} ({state.minutes_before:.1f} min)", flush=True)
     start = time.monotonic()
 
-    def checkpoint(samples: int) -> None:
+    def checkpoint(samples: int, splits: Sequence[str]) -> None:
         train_minutes = state.minutes_before + (time.monotonic() - start) / 60
-        result = heldout_eval(ema, samples_per_prompt=samples)
-        entry = {"step": state.step, "minutes": train_minutes, "loss": state.loss_avg, "samples_per_prompt": samples, "heldout": result}
+        entry = {"step": state.step, "minutes": train_minutes, "loss": state.loss_avg, "samples_per_prompt": samples}
+        for split in splits:
+            result = heldout_eval(ema, split, samples_per_prompt=samples)
+            entry["heldout" if split == "test" else split] = result
+            print(f"[step {state.step}, {train_minutes:.1f} min, loss {state.loss_avg:.4f}] {split} ({samples}/prompt): "
+                  + "  ".join(f"{k}={v:.3f}" for k, v in result.items()), flush=True)
         state.history.append(entry)
-        print(f"[step {state.step}, {train_minutes:.1f} min, loss {state.loss_avg:.4f}] held-out ({samples}/prompt): "
-              + "  ".join(f"{k}={v:.3f}" for k, v in result.items()), flush=True)
         save_backbone(ema, out)
         state.save(out / TRAIN_STATE, train_minutes)
         info = {"args": vars(args), "steps": state.step, "minutes": train_minutes, "history": state.history}
@@ -205,14 +272,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         records = prompts.draw(args.batch_size)
         texts = [r["prompt"] if float(torch.rand((), generator=generator)) >= args.caption_dropout else "" for r in records]
         videos = render_batch(records, generator, args.caption_noise)
-        state.update(flow_matching_loss(model, videos, texts, generator))
+        if args.frame_levels is None:
+            state.update(flow_matching_loss(model, videos, texts, generator))
+        else:
+            state.update(frame_levels_loss(model, videos, texts, generator, args.frame_levels))
         if state.step % 100 == 0:
             print(f"step {state.step} loss {state.loss_avg:.4f} ({(time.monotonic() - start) / 60:.1f} min)", flush=True)
         if time.monotonic() >= next_eval:
-            checkpoint(args.eval_samples)
+            checkpoint(args.eval_samples, [args.eval_split])
             model.train()
             next_eval = time.monotonic() + 60 * args.eval_minutes
-    checkpoint(args.final_samples)
+    checkpoint(args.final_samples, sorted({args.eval_split, "test"}, key=lambda split: split != args.eval_split))
     print(f"done: {state.step} steps; EMA checkpoint in {out}", flush=True)
 
 
