@@ -216,12 +216,35 @@ def test_frame_levels_canvas_feeds_each_frames_own_level_and_the_highest_to_the_
     save_backbone(model, tmp_path / "levels")
     back = load_backbone(tmp_path / "levels")
     assert back.frame_levels and back.options()["frame_levels"] is True
-    with pytest.raises(ValueError, match="frame_levels"):
-        tiny_backbone(layout="factorised", frame_levels=True)
     with pytest.raises(ValueError, match="frame_levels=True"):
         tiny_backbone(layout="canvas").frame_velocity(x, levels, cond)
     with pytest.raises(ValueError, match="levels must be"):
         model.frame_velocity(x, levels[:, :1], cond)
+
+
+def test_frame_levels_factorised_gives_each_frames_call_its_own_level_and_the_clips_mean_level():
+    torch.manual_seed(8)
+    model = tiny_backbone(frame_levels=True).eval()
+    assert model.denoiser.config.in_channels == 2 * 3 * 4 + 1
+    x, levels = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([[0.1, 0.8], [0.6, 0.3]])
+    cond = model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        expected = torch.empty_like(x)
+        mean = x.mean(dim=2)
+        for b in range(2):
+            for f in range(FRAMES):
+                inputs = torch.cat([
+                    F.pixel_unshuffle(x[b : b + 1, :, f], 2), F.pixel_unshuffle(mean[b : b + 1], 2),
+                    torch.full((1, 1, 16, 16), float(levels[b].mean())),
+                ], dim=1)
+                v = model.denoiser(
+                    inputs, 1000 * levels[b, f : f + 1], encoder_hidden_states=cond["prompt_embeds"][b : b + 1],
+                    encoder_attention_mask=cond["attention_mask"][b : b + 1], class_labels=torch.tensor([f]), return_dict=False,
+                )[0]
+                expected[b, :, f] = F.pixel_shuffle(v, 2)[0]
+        torch.testing.assert_close(model.frame_velocity(x, levels, cond), expected, atol=1e-5, rtol=1e-5)
+        t = torch.tensor([0.25, 0.9])
+        torch.testing.assert_close(model.frame_velocity(x, t[:, None].expand(2, FRAMES), cond), model.velocity(x, t, cond))
 
 
 def test_a_frame_levels_model_initialised_from_a_canvas_model_starts_as_it():
@@ -268,7 +291,7 @@ def test_video_pretraining_with_frame_levels_trains_and_saves_a_frame_levels_mod
     main(["--out", str(tmp_path / "a"), *args, "--frame-levels", "0.5"])
     assert load_backbone(tmp_path / "a").frame_levels
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "b"), "--frame-levels", "0.5"])  # needs the canvas layout
+        main(["--out", str(tmp_path / "b"), "--frame-levels", "1.5"])  # a probability
 
 
 def test_video_pretraining_writes_a_loadable_ema_checkpoint_and_resumes_its_step_count(tmp_path):

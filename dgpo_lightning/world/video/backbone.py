@@ -12,9 +12,11 @@ one layout as the image model's objects do, and a motion is a spatial relation b
 of the canvas (as "A left of B" is for the image model). It starts exactly as the image model run on
 the canvas (zero weights on the position channel).
 
-``frame_levels`` (canvas only) adds one more input channel holding each frame's own noise level, so
-the frames of one clip can be denoised at different levels (:meth:`VideoWorldBackbone.frame_velocity`;
-the UNet's timestep embedding gets the clip's highest level). Pretraining then noises one frame less
+``frame_levels`` lets the frames of one clip be denoised at different noise levels
+(:meth:`VideoWorldBackbone.frame_velocity`): on the canvas one more input channel holds each frame's
+level and the UNet's timestep embedding gets the clip's highest; in the factorised layout each
+frame's call gets its own level as the timestep and one more channel holds the clip's mean level
+(which, with the frame's own, says how noisy the mean frame is). Pretraining then noises one frame less
 than the other for part of the batch (diffusion forcing, Chen et al. 2024): the noisier frame can
 only be predicted well from the cleaner one, which is the cross-frame signal equal noise levels
 barely give. Sampling, RL and every ``velocity`` call use equal levels, the channel holding ``t``.
@@ -102,8 +104,6 @@ class VideoWorldBackbone(WorldBackbone):
         pixels = 3 * patch_size * patch_size
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-        if frame_levels and layout != "canvas":
-            raise ValueError(f"frame_levels needs layout 'canvas' (got {layout!r})")
         want = LAYOUT_IN_CHANNELS[layout](pixels) + int(frame_levels)
         if unet.config.in_channels != want or unet.config.out_channels != pixels:
             raise ValueError(
@@ -126,24 +126,34 @@ class VideoWorldBackbone(WorldBackbone):
         self.frame_levels = bool(frame_levels)
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout``."""
+        """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout`` (every frame at ``t``)."""
         if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
             raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
+        levels = t[:, None].expand(-1, self.num_frames)
         if self.layout == "canvas":
-            return self._unet_canvas(x_t, t[:, None].expand(-1, self.num_frames), cond)
+            return self._unet_canvas(x_t, levels, cond)
+        return self._unet_factorised(x_t, levels, cond)
+
+    def _unet_factorised(self, x_t: Tensor, levels: Tensor, cond: Conditioning) -> Tensor:
+        """One UNet call per frame (a batch of ``B·F`` images) on the frame, the clip's mean frame and,
+        with ``frame_levels``, a channel holding the clip's mean level; frame ``f``'s call gets its own
+        level ``levels[:, f]`` as the timestep and ``f`` as the class label."""
         b, c, f, h, w = x_t.shape
         dtype = self.denoiser.conv_in.weight.dtype
         p = self.patch_size
         frames = x_t.transpose(1, 2).reshape(b * f, c, h, w)  # clip-major, frame-minor
         mean = x_t.mean(dim=2).repeat_interleave(f, dim=0)
-        x = torch.cat([Fn.pixel_unshuffle(frames, p), Fn.pixel_unshuffle(mean, p)], dim=1).to(dtype)
+        channels = [Fn.pixel_unshuffle(frames, p), Fn.pixel_unshuffle(mean, p)]
+        if self.frame_levels:
+            mean_level = levels.mean(dim=1).repeat_interleave(f).to(x_t.dtype)
+            channels.append(mean_level.view(-1, 1, 1, 1).expand(b * f, 1, h // p, w // p))
         mask = cond.get("attention_mask")
         v = self.denoiser(
-            x,
-            1000.0 * t.repeat_interleave(f).to(dtype),
+            torch.cat(channels, dim=1).to(dtype),
+            1000.0 * levels.reshape(-1).to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].repeat_interleave(f, dim=0).to(dtype),
             encoder_attention_mask=mask.repeat_interleave(f, dim=0).to(dtype) if mask is not None else None,
-            class_labels=torch.arange(f, device=x.device).repeat(b),
+            class_labels=torch.arange(f, device=x_t.device).repeat(b),
             return_dict=False,
         )[0]
         return Fn.pixel_shuffle(v, p).reshape(b, f, c, h, w).transpose(1, 2).to(x_t.dtype)
@@ -183,7 +193,9 @@ class VideoWorldBackbone(WorldBackbone):
             raise ValueError("frame_velocity needs a backbone built with frame_levels=True (an input channel per frame's level)")
         if levels.shape != (x_t.shape[0], self.num_frames):
             raise ValueError(f"levels must be [B, F] = [{x_t.shape[0]}, {self.num_frames}], got {tuple(levels.shape)}")
-        return self._unet_canvas(x_t, levels, cond)
+        if self.layout == "canvas":
+            return self._unet_canvas(x_t, levels, cond)
+        return self._unet_factorised(x_t, levels, cond)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, F, h, w) = (3, F, 32, 32)``."""

@@ -10,7 +10,7 @@ with 10% caption dropout (CFG). UNet and text encoder train jointly; an EMA of t
 saved (``DIR``, :func:`~dgpo_lightning.world.video.backbone.save_backbone`) with ``pretrain.json``.
 With ``--caption-noise P`` a fraction P of the clips is drawn for a corrupted record
 (:func:`~dgpo_lightning.world.video.scene.corrupt_metadata`) under the original caption, the image
-base's stage-2 recipe. With ``--frame-levels P`` (a ``frame_levels`` canvas model) a fraction P of
+base's stage-2 recipe. With ``--frame-levels P`` (a ``frame_levels`` model) a fraction P of
 the clips has one frame noised less than the other (:func:`frame_levels_loss`). The EMA model is evaluated periodically on the held-out prompts
 (:func:`heldout_eval`: strict ``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
 
@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=("factorised", "canvas"), default="factorised", help="how the denoiser sees a clip (backbone.LAYOUTS)")
     parser.add_argument(
         "--frame-levels", type=float, default=None, metavar="P",
-        help="build a frame_levels canvas model and noise one frame of a clip less than the other with probability P",
+        help="build a frame_levels model and noise one frame of a clip less than the other with probability P",
     )
     parser.add_argument("--eval-split", default="validation", help="prompt split of the periodic held-out evaluations")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation/save cadence")
@@ -217,8 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.caption_noise < 1.0:
         parser.error(f"--caption-noise must be in [0, 1), got {args.caption_noise}")
-    if args.frame_levels is not None and (args.layout != "canvas" or not 0.0 <= args.frame_levels <= 1.0):
-        parser.error(f"--frame-levels needs --layout canvas and a probability in [0, 1], got {args.frame_levels} with {args.layout}")
+    if args.frame_levels is not None and not 0.0 <= args.frame_levels <= 1.0:
+        parser.error(f"--frame-levels must be a probability in [0, 1], got {args.frame_levels}")
     return args
 
 
