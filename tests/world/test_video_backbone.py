@@ -247,6 +247,46 @@ def test_frame_levels_factorised_gives_each_frames_call_its_own_level_and_the_cl
         torch.testing.assert_close(model.frame_velocity(x, t[:, None].expand(2, FRAMES), cond), model.velocity(x, t, cond))
 
 
+def test_coordinate_channels_give_each_pixel_its_row_and_column_within_its_frame(tmp_path):
+    from dgpo_lightning.world.video.pretrain import init_from_video_model
+
+    torch.manual_seed(9)
+    rows = torch.linspace(-1, 1, 16).view(16, 1).expand(16, 16)
+    cols = torch.linspace(-1, 1, 16).view(1, 16).expand(16, 16)
+    x, t = torch.randn(2, 3, FRAMES, 32, 32), torch.tensor([0.2, 0.7])
+    canvas_model = tiny_backbone(layout="canvas", coordinates=True).eval()
+    assert canvas_model.denoiser.config.in_channels == 3 * 4 + 1 + 2
+    cond = canvas_model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        canvas = torch.cat([x[:, :, 0], x[:, :, 1]], dim=-1)
+        position = torch.cat([torch.full((2, 1, 16, 16), -1.0), torch.full((2, 1, 16, 16), 1.0)], dim=-1)
+        coords = torch.stack([torch.cat([rows, rows], -1), torch.cat([cols, cols], -1)]).expand(2, 2, 16, 32)
+        out = canvas_model.denoiser(
+            torch.cat([F.pixel_unshuffle(canvas, 2), position, coords], 1), 1000 * t, encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["attention_mask"], return_dict=False,
+        )[0]
+        out = F.pixel_shuffle(out, 2)
+        torch.testing.assert_close(canvas_model.velocity(x, t, cond), torch.stack([out[..., :32], out[..., 32:]], dim=2), atol=1e-5, rtol=1e-5)
+
+        factorised = tiny_backbone(coordinates=True).eval()
+        mean = x.mean(dim=2)
+        for f in range(FRAMES):
+            inputs = torch.cat([F.pixel_unshuffle(x[:, :, f], 2), F.pixel_unshuffle(mean, 2), torch.stack([rows, cols]).expand(2, 2, 16, 16)], 1)
+            v = factorised.denoiser(
+                inputs, 1000 * t, encoder_hidden_states=cond["prompt_embeds"], encoder_attention_mask=cond["attention_mask"],
+                class_labels=torch.tensor([f, f]), return_dict=False,
+            )[0]
+            torch.testing.assert_close(factorised.velocity(x, t, cond)[:, :, f], F.pixel_shuffle(v, 2), atol=1e-5, rtol=1e-5)
+
+        plain = tiny_backbone(layout="canvas").eval()
+        init_from_video_model(canvas_model, plain)  # zero weights on the coordinates: the plain model
+        torch.testing.assert_close(canvas_model.velocity(x, t, cond), plain.velocity(x, t, cond))
+    save_backbone(canvas_model, tmp_path / "coords")
+    assert load_backbone(tmp_path / "coords").coordinates
+    with pytest.raises(ValueError, match="prefix"):
+        init_from_video_model(tiny_backbone(layout="canvas", frame_levels=True, coordinates=True), canvas_model)
+
+
 def test_a_frame_levels_model_initialised_from_a_canvas_model_starts_as_it():
     from dgpo_lightning.world.video.pretrain import init_from_video_model
 

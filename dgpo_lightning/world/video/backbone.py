@@ -16,7 +16,12 @@ the canvas (zero weights on the position channel).
 (:meth:`VideoWorldBackbone.frame_velocity`): on the canvas one more input channel holds each frame's
 level and the UNet's timestep embedding gets the clip's highest; in the factorised layout each
 frame's call gets its own level as the timestep and one more channel holds the clip's mean level
-(which, with the frame's own, says how noisy the mean frame is). Pretraining then noises one frame less
+(which, with the frame's own, says how noisy the mean frame is).
+
+``coordinates`` adds two input channels holding each pixel's row and column within its frame. The
+UNet has no positional embedding, so without them the text can name a class or a colour but hardly
+a place: the canvas base drew "moving left" and "moving right" with the same mean positions in both
+frames (checkpoints/base/MODEL_CARD.md). Pretraining then noises one frame less
 than the other for part of the batch (diffusion forcing, Chen et al. 2024): the noisier frame can
 only be predicted well from the cleaner one, which is the cross-frame signal equal noise levels
 barely give. Sampling, RL and every ``velocity`` call use equal levels, the channel holding ``t``.
@@ -99,16 +104,17 @@ class VideoWorldBackbone(WorldBackbone):
         patch_size: int = 2,
         layout: str = "factorised",
         frame_levels: bool = False,
+        coordinates: bool = False,
     ):
         nn.Module.__init__(self)  # WorldBackbone's own check wants in_channels == out_channels
         pixels = 3 * patch_size * patch_size
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-        want = LAYOUT_IN_CHANNELS[layout](pixels) + int(frame_levels)
+        want = LAYOUT_IN_CHANNELS[layout](pixels) + int(frame_levels) + 2 * int(coordinates)
         if unet.config.in_channels != want or unet.config.out_channels != pixels:
             raise ValueError(
                 f"unet channels {unet.config.in_channels}/{unet.config.out_channels} must be {want}/{pixels} "
-                f"for layout {layout!r}, patch_size={patch_size}, frame_levels={frame_levels}"
+                f"for layout {layout!r}, patch_size={patch_size}, frame_levels={frame_levels}, coordinates={coordinates}"
             )
         if layout == "factorised" and unet.config.num_class_embeds != num_frames:
             raise ValueError(f"unet.num_class_embeds={unet.config.num_class_embeds} != num_frames={num_frames}")
@@ -124,6 +130,14 @@ class VideoWorldBackbone(WorldBackbone):
         self.num_frames = int(num_frames)
         self.layout = layout
         self.frame_levels = bool(frame_levels)
+        self.coordinates = bool(coordinates)
+
+    def _coordinate_channels(self, batch: int, h: int, w: int, frames: int, device, dtype) -> Tensor:
+        """``[batch, 2, h, frames·w]``: each (unshuffled) pixel's row and column within its frame in
+        ``[-1, 1]``, the frames side by side (the UNet has no positional embedding of its own)."""
+        rows = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype).view(h, 1).expand(h, w)
+        cols = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype).view(1, w).expand(h, w)
+        return torch.stack([rows, cols]).repeat(1, 1, frames).expand(batch, 2, h, frames * w)
 
     def _unet(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout`` (every frame at ``t``)."""
@@ -147,6 +161,8 @@ class VideoWorldBackbone(WorldBackbone):
         if self.frame_levels:
             mean_level = levels.mean(dim=1).repeat_interleave(f).to(x_t.dtype)
             channels.append(mean_level.view(-1, 1, 1, 1).expand(b * f, 1, h // p, w // p))
+        if self.coordinates:
+            channels.append(self._coordinate_channels(b * f, h // p, w // p, 1, x_t.device, x_t.dtype))
         mask = cond.get("attention_mask")
         v = self.denoiser(
             torch.cat(channels, dim=1).to(dtype),
@@ -171,6 +187,8 @@ class VideoWorldBackbone(WorldBackbone):
         channels = [Fn.pixel_unshuffle(canvas, p), position.repeat_interleave(w // p).expand(b, 1, h // p, f * w // p).to(canvas.dtype)]
         if self.frame_levels:
             channels.append(levels.to(canvas.dtype).repeat_interleave(w // p, dim=1)[:, None, None, :].expand(b, 1, h // p, f * w // p))
+        if self.coordinates:
+            channels.append(self._coordinate_channels(b, h // p, w // p, f, x_t.device, canvas.dtype))
         x = torch.cat(channels, dim=1).to(dtype)
         mask = cond.get("attention_mask")
         v = self.denoiser(
@@ -212,7 +230,11 @@ class VideoWorldBackbone(WorldBackbone):
 
     def options(self) -> dict[str, Any]:
         options = {**super().options(), "num_frames": self.num_frames, "layout": self.layout}
-        return {**options, "frame_levels": True} if self.frame_levels else options
+        if self.frame_levels:
+            options["frame_levels"] = True
+        if self.coordinates:
+            options["coordinates"] = True
+        return options
 
 
 def build_backbone(
@@ -226,7 +248,7 @@ def build_backbone(
     layout = options.get("layout", "factorised")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-    extra = int(bool(options.get("frame_levels", False)))
+    extra = int(bool(options.get("frame_levels", False))) + 2 * int(bool(options.get("coordinates", False)))
     unet_config = {
         **DEFAULT_UNET,
         "block_out_channels": DEFAULT_CHANNELS,
@@ -275,6 +297,6 @@ def load_backbone(
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
     options.setdefault("num_frames", unet.config.num_class_embeds)
-    known = {"guidance_scale", "shift", "patch_size", "num_frames", "layout", "frame_levels"}
+    known = {"guidance_scale", "shift", "patch_size", "num_frames", "layout", "frame_levels", "coordinates"}
     backbone = VideoWorldBackbone(unet, encoder, **{k: v for k, v in options.items() if k in known})
     return backbone.to(device).eval().requires_grad_(False)

@@ -127,6 +127,8 @@ def init_from_video_model(video, source) -> dict[str, int]:
             f"layouts differ: {(video.layout, video.patch_size, video.num_frames)} vs "
             f"{(source.layout, source.patch_size, source.num_frames)} (layout, patch size, frames)"
         )
+    if source.coordinates and (video.frame_levels and not source.frame_levels or not video.coordinates):
+        raise ValueError("the source's input channels must be a prefix of the target's (levels come before coordinates)")
     counts = {"copied": 0, "zeroed": 0}
     weights = source.denoiser.state_dict()
     for name, value in video.denoiser.state_dict().items():
@@ -206,6 +208,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--frame-levels", type=float, default=None, metavar="P",
         help="build a frame_levels model and noise one frame of a clip less than the other with probability P",
     )
+    parser.add_argument("--coordinates", action="store_true", help="build a model with row/column input channels (backbone docstring)")
     parser.add_argument("--eval-split", default="validation", help="prompt split of the periodic held-out evaluations")
     parser.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation/save cadence")
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt in the periodic evaluations")
@@ -231,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     max_steps = args.steps if args.steps is not None else (None if args.minutes else 2000)
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
     unet = {"block_out_channels": tuple(int(c) for c in args.channels.split(","))} if args.channels else None
-    model = build_backbone(unet=unet, layout=args.layout, frame_levels=args.frame_levels is not None)
+    model = build_backbone(unet=unet, layout=args.layout, frame_levels=args.frame_levels is not None, coordinates=args.coordinates)
     if args.init:
         source = load_backbone(None if args.init == "base" else args.init)
         print(f"initialised from the video model: {init_from_video_model(model, source)}", flush=True)
