@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metric = history.metric
     print()
-    print(f"{'task':<16}{'before':>8}{'after':>8}")
+    # One row per logged score: each reward's task mean ("overall") and its tasks; the headline is marked.
+    names = {key: key.removeprefix("eval/") + ("/overall" if key.count("/") == 1 else "") + (" *" if key == metric else "") for key in before}
+    width = max(len(name) for name in names.values()) + 2
+    print(f"{'score (* headline)':<{width}}{'before':>8}{'after':>8}")
     for key in sorted(before):
-        name = key.split("/")[-1] if key != metric else "overall"
-        print(f"{name:<16}{before[key]:>8.3f}{after.get(key, float('nan')):>8.3f}")
+        print(f"{names[key]:<{width}}{before[key]:>8.3f}{after.get(key, float('nan')):>8.3f}")
     print(
         f"\nheld-out {metric}: {before[metric]:.3f} -> {after[metric]:.3f} "
         f"({after[metric] - before[metric]:+.3f}) in {(time.perf_counter() - start) / 60:.1f} min total; "

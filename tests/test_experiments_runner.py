@@ -25,7 +25,9 @@ def test_every_suite_config_exists_and_runs_are_shared_only_when_identical(tmp_p
     # one directory per distinct world and configuration, and the base configuration is one run for all image suites
     assert all(len(configs) == 1 for configs in directories.values())
     video = runner.WORLDS["video"]
-    assert runner.run_dir(tmp_path, [], 0, video) in directories and runner.run_dir(tmp_path, [], 0, video) != runner.run_dir(tmp_path, [], 0)
+    video_dgpo = runner.SUITES["video"][0][1]
+    assert runner.run_dir(tmp_path, video_dgpo, 0, video) in directories
+    assert runner.run_dir(tmp_path, video_dgpo, 0, video) != runner.run_dir(tmp_path, video_dgpo, 0)  # the world names the run
     assert video.base.is_file() and runner.suite_world("video") is video and runner.suite_world("t_min") is runner.IMAGE
     assert runner.run_dir(tmp_path, [], 0) in directories
     assert runner.run_dir(tmp_path, [], 0) != runner.run_dir(tmp_path, [], 1)
