@@ -16,15 +16,15 @@ the canvas (zero weights on the position channel).
 (:meth:`VideoWorldBackbone.frame_velocity`): on the canvas one more input channel holds each frame's
 level and the UNet's timestep embedding gets the clip's highest; in the factorised layout each
 frame's call gets its own level as the timestep and one more channel holds the clip's mean level
-(which, with the frame's own, says how noisy the mean frame is).
+(which, with the frame's own, says how noisy the mean frame is). Pretraining then noises one frame
+less than the other for part of the batch (diffusion forcing, Chen et al. 2024): the noisier frame
+can only be predicted well from the cleaner one, which is the cross-frame signal equal noise levels
+barely give. Sampling, RL and every ``velocity`` call use equal levels.
 
 ``coordinates`` adds two input channels holding each pixel's row and column within its frame. The
 UNet has no positional embedding, so without them the text can name a class or a colour but hardly
 a place: the canvas base drew "moving left" and "moving right" with the same mean positions in both
-frames (checkpoints/base/MODEL_CARD.md). Pretraining then noises one frame less
-than the other for part of the batch (diffusion forcing, Chen et al. 2024): the noisier frame can
-only be predicted well from the cleaner one, which is the cross-frame signal equal noise levels
-barely give. Sampling, RL and every ``velocity`` call use equal levels, the channel holding ``t``.
+frames (checkpoints/base/MODEL_CARD.md; neither option changed that in 10–20 minutes of pretraining).
 
 ``factorised`` (the first video base): a factorised space-time model: the image world's UNet (:mod:`dgpo_lightning.world.backbone`,
 2×2 pixel-unshuffle, timestep ``1000 t``, cross-attention to the text) runs on every frame as a
@@ -143,7 +143,9 @@ class VideoWorldBackbone(WorldBackbone):
         """``[B, 3, F, H, W]`` → velocity of the same shape, by the backbone's ``layout`` (every frame at ``t``)."""
         if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
             raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
-        levels = t[:, None].expand(-1, self.num_frames)
+        return self._unet_at_levels(x_t, t[:, None].expand(-1, self.num_frames), cond)
+
+    def _unet_at_levels(self, x_t: Tensor, levels: Tensor, cond: Conditioning) -> Tensor:
         if self.layout == "canvas":
             return self._unet_canvas(x_t, levels, cond)
         return self._unet_factorised(x_t, levels, cond)
@@ -211,9 +213,9 @@ class VideoWorldBackbone(WorldBackbone):
             raise ValueError("frame_velocity needs a backbone built with frame_levels=True (an input channel per frame's level)")
         if levels.shape != (x_t.shape[0], self.num_frames):
             raise ValueError(f"levels must be [B, F] = [{x_t.shape[0]}, {self.num_frames}], got {tuple(levels.shape)}")
-        if self.layout == "canvas":
-            return self._unet_canvas(x_t, levels, cond)
-        return self._unet_factorised(x_t, levels, cond)
+        if x_t.ndim != 5 or x_t.shape[2] != self.num_frames:
+            raise ValueError(f"expected video latents [B, 3, {self.num_frames}, H, W], got {tuple(x_t.shape)}")
+        return self._unet_at_levels(x_t, levels, cond)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, F, h, w) = (3, F, 32, 32)``."""

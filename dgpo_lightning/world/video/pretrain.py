@@ -10,9 +10,11 @@ with 10% caption dropout (CFG). UNet and text encoder train jointly; an EMA of t
 saved (``DIR``, :func:`~dgpo_lightning.world.video.backbone.save_backbone`) with ``pretrain.json``.
 With ``--caption-noise P`` a fraction P of the clips is drawn for a corrupted record
 (:func:`~dgpo_lightning.world.video.scene.corrupt_metadata`) under the original caption, the image
-base's stage-2 recipe. With ``--frame-levels P`` (a ``frame_levels`` model) a fraction P of
-the clips has one frame noised less than the other (:func:`frame_levels_loss`). The EMA model is evaluated periodically on the held-out prompts
-(:func:`heldout_eval`: strict ``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
+base's stage-2 recipe. With ``--frame-levels P`` (a ``frame_levels`` model) a fraction P of the
+clips has one frame noised less than the other (:func:`frame_levels_loss`); ``--coordinates`` adds
+the row/column input channels. The EMA model is evaluated periodically on ``--eval-split``
+(validation by default) and at the end on it and the test split (:func:`heldout_eval`: strict
+``world_video`` reward, 10-step DPM-Solver++ ODE, fixed seeds).
 
 With ``--init-image`` (``base``: the shipped image-world base) the model starts from an image-world
 checkpoint (:func:`init_from_image_model`): every frame starts as the image model's drawing (each
@@ -117,6 +119,31 @@ def heldout_eval(
     return summary
 
 
+def _copy_unet(target: torch.nn.Module, source: torch.nn.Module, *, zero_missing: tuple[str, ...]) -> dict[str, int]:
+    """Copy ``source``'s UNet weights into ``target``'s: equal shapes are copied; an input convolution
+    taking more channels gets the source's weights on the first ones and zeros on the rest (so the new
+    inputs start with no effect); tensors the source lacks whose names start with ``zero_missing``
+    start at zero. Anything else is an architecture mismatch. Returns ``copied`` / ``zeroed`` counts."""
+    weights = source.state_dict()
+    counts = {"copied": 0, "zeroed": 0}
+    for name, value in target.state_dict().items():
+        given = weights.get(name)
+        if given is not None and given.shape == value.shape:
+            value.copy_(given)
+            counts["copied"] += 1
+        elif name == "conv_in.weight" and given is not None and value.shape[0] == given.shape[0] and value.shape[1] > given.shape[1]:
+            value.zero_()
+            value[:, : given.shape[1]] = given
+            counts["zeroed"] += 1
+        elif given is None and name.startswith(zero_missing):
+            value.zero_()
+            counts["zeroed"] += 1
+        else:
+            shape = "missing" if given is None else tuple(given.shape)
+            raise ValueError(f"{name}: {shape} in the source, {tuple(value.shape)} here (the architectures differ)")
+    return counts
+
+
 @torch.no_grad()
 def init_from_video_model(video, source) -> dict[str, int]:
     """Copy a video backbone's weights into ``video`` (same widths), whose input convolution may take
@@ -127,21 +154,9 @@ def init_from_video_model(video, source) -> dict[str, int]:
             f"layouts differ: {(video.layout, video.patch_size, video.num_frames)} vs "
             f"{(source.layout, source.patch_size, source.num_frames)} (layout, patch size, frames)"
         )
-    if source.coordinates and (video.frame_levels and not source.frame_levels or not video.coordinates):
+    if source.coordinates and ((video.frame_levels and not source.frame_levels) or not video.coordinates):
         raise ValueError("the source's input channels must be a prefix of the target's (levels come before coordinates)")
-    counts = {"copied": 0, "zeroed": 0}
-    weights = source.denoiser.state_dict()
-    for name, value in video.denoiser.state_dict().items():
-        given = weights[name]
-        if given.shape == value.shape:
-            value.copy_(given)
-            counts["copied"] += 1
-        elif name == "conv_in.weight" and value.shape[1] > given.shape[1] and value.shape[0] == given.shape[0]:
-            value.zero_()
-            value[:, : given.shape[1]] = given
-            counts["zeroed"] += 1
-        else:
-            raise ValueError(f"{name}: {tuple(given.shape)} in the source, {tuple(value.shape)} here")
+    counts = _copy_unet(video.denoiser, source.denoiser, zero_missing=())
     video.text_encoder.load_state_dict(source.text_encoder.state_dict())
     return counts
 
@@ -159,22 +174,7 @@ def init_from_image_model(video, image) -> dict[str, int]:
     """
     if image.patch_size != video.patch_size:
         raise ValueError(f"patch sizes differ: image {image.patch_size}, video {video.patch_size}")
-    image_unet = image.denoiser.state_dict()
-    counts = {"copied": 0, "zeroed": 0, "words": 0}
-    for name, value in video.denoiser.state_dict().items():
-        source = image_unet.get(name)
-        if source is not None and source.shape == value.shape:
-            value.copy_(source)
-            counts["copied"] += 1
-        elif name == "conv_in.weight" and source is not None and value.shape[1] > source.shape[1]:
-            value.zero_()
-            value[:, : source.shape[1]] = source
-            counts["zeroed"] += 1
-        elif name.startswith("class_embedding."):
-            value.zero_()
-            counts["zeroed"] += 1
-        else:
-            raise ValueError(f"{name}: no image weight of a matching shape (the architectures differ)")
+    counts = {**_copy_unet(video.denoiser, image.denoiser, zero_missing=("class_embedding.",)), "words": 0}
     image_text, video_text = image.text_encoder.state_dict(), video.text_encoder.state_dict()
     for name, value in video_text.items():
         if name == "token_embedding.weight":
@@ -214,7 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt in the periodic evaluations")
     parser.add_argument("--final-samples", type=int, default=16, help="samples per held-out prompt in the final evaluation")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--init", default=None, help="start from this video checkpoint's weights (fresh optimizer)")
+    parser.add_argument("--init", default=None, help="start from this video checkpoint's weights ('base': the shipped one; fresh optimizer; extra input channels start at zero)")
     parser.add_argument("--init-image", default=None, help="start from an image-world checkpoint ('base': the shipped one)")
     parser.add_argument("--resume", action="store_true", help=f"continue from DIR/{TRAIN_STATE}")
     args = parser.parse_args(argv)
