@@ -20,7 +20,7 @@ if "test_video_brightness" not in _REGISTRY:
         return lambda videos, prompts, metadata=None: videos.mean(dim=(1, 2, 3, 4))
 
 
-def test_video_demo_config_trains_and_reports_its_history(tmp_path):
+def test_video_demo_config_trains_and_reports_its_history(tmp_path, capsys):
     torch.manual_seed(0)
     model_dir = save_backbone(tiny_backbone(layout="canvas"), tmp_path / "tiny")
     out = tmp_path / "demo_video"
@@ -34,8 +34,10 @@ def test_video_demo_config_trains_and_reports_its_history(tmp_path):
     ])
     rows = list(csv.DictReader((out / "eval_history.csv").open()))
     assert float(rows[0]["step"]) == 0 and float(rows[-1]["step"]) == 2
-    # the headline is the graded score; the strict one is logged beside it
+    # the headline is the graded score (starred in the printed table); the strict one is logged beside it
     assert result == {"before": float(rows[0]["eval/world_video_partial"]), "after": float(rows[-1]["eval/world_video_partial"])}
+    printed = capsys.readouterr().out
+    assert "world_video_partial/overall *" in printed and "world_video/overall *" not in printed and "world_video/overall " in printed
     assert 0.0 <= float(rows[-1]["eval/world_video"]) <= float(rows[-1]["eval/world_video_partial"]) <= 1.0
     assert float(rows[-1]["eval/test_video_brightness"]) != float(rows[0]["eval/test_video_brightness"])  # training moved it
     assert load_backbone(out / "final").layout == "canvas" and (out / "score_vs_time.png").is_file()
