@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -148,3 +150,32 @@ def test_sampler_statistics_measure_the_spread_inside_each_group(tmp_path):
     table = (tmp_path / "sampler_statistics.md").read_text()
     assert "| sde a=1.0 4 steps | 8 | 0.500 | 0.250 | 0.250 | 50.0% | 2.000 |" in table
     assert (tmp_path / "sampler_statistics.png").stat().st_size > 0
+
+
+def test_the_video_direction_probe_scores_the_same_clips_under_each_caption(tmp_path):
+    import json
+
+    import torch
+
+    from dgpo_lightning.world.video.backbone import save_backbone, tiny_backbone
+
+    spec = importlib.util.spec_from_file_location("video_direction_probe", EXPERIMENTS / "video_direction_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    model = tiny_backbone(layout="canvas").eval()
+    losses = probe.loss_probe(model, clips=8)
+    # independent recomputation of the true caption's loss from the same draws
+    generator = torch.Generator().manual_seed(0)
+    truth = probe.record("green", "circle", "right")
+    videos = torch.stack([probe.render_prompt(truth, generator) for _ in range(8)])
+    x0 = videos.permute(0, 2, 1, 3, 4) * 2 - 1
+    noise, t = torch.randn(x0.shape, generator=generator), torch.rand(8, generator=generator)
+    with torch.no_grad():
+        v = model.velocity((1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise, t, model.encode_prompts([truth["prompt"]] * 8))
+    assert losses["true caption"] == pytest.approx(float(((v - (noise - x0)) ** 2).mean()), rel=1e-5)
+    assert losses["opposite direction"] != losses["true caption"]  # a random text encoder already tells the words apart
+    save_backbone(model, tmp_path / "tiny")
+    result = probe.main(["--model", str(tmp_path / "tiny"), "--clips", "4", "--seeds", "2", "--out", str(tmp_path / "probe.json")])
+    assert set(result["positions"]) == {"left", "right", "up", "down"}
+    assert json.loads((tmp_path / "probe.json").read_text())["loss"] == pytest.approx(result["loss"])
